@@ -1,0 +1,42 @@
+"""hostrelay: the host side of a paravirtualized IOMMU.
+
+A guest's virtio-iommu driver sends ATTACH / DETACH / MAP / UNMAP / PROBE
+requests; hostrelay implements the device model and relays MAP/UNMAP for
+passed-through devices to the physical IOMMU through Linux VFIO.
+
+Public names are imported lazily so that ``import hostrelay`` stays cheap and
+works before the native extension is built (the CLI's ``--help``, the testbed).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Container": "hostrelay.vfio",
+    "Group": "hostrelay.vfio",
+    "Device": "hostrelay.vfio",
+    "IommuInfo": "hostrelay.vfio",
+    "VfioError": "hostrelay.errors",
+    "Relay": "hostrelay.relay",
+    "GuestMemory": "hostrelay.memory",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+if TYPE_CHECKING:
+    from hostrelay.errors import VfioError
+    from hostrelay.memory import GuestMemory
+    from hostrelay.relay import Relay
+    from hostrelay.vfio import Container, Device, Group, IommuInfo
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hostrelay' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
