@@ -1,0 +1,168 @@
+"""The one seam to the kernel: every call into the compiled VFIO wrappers.
+
+Nothing else in hostrelay calls ``hostrelay._native.lib.hr_vfio_*``.  Each
+function here does one ioctl and turns a negative return (``-errno``, preserved
+by the C side) into the typed :mod:`hostrelay.errors` exception.  A stateful
+fake for unit tests only needs to replace this module's functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hostrelay._native import ffi, lib
+from hostrelay.errors import vfio_error
+
+__all__ = [
+    "buffer_address",
+    "check_extension",
+    "const",
+    "device_get_info",
+    "device_get_region_info",
+    "device_reset",
+    "get_api_version",
+    "group_get_device_fd",
+    "group_get_status",
+    "group_set_container",
+    "group_unset_container",
+    "iommu_get_info",
+    "map_dma",
+    "set_iommu",
+    "unmap_dma",
+]
+
+
+def const(name: str) -> int:
+    """A constant from ``<linux/vfio.h>`` as the compiler saw it (e.g. ``"VFIO_TYPE1v2_IOMMU"``)."""
+    value: int = getattr(lib, name)
+    return value
+
+
+def _check(rc: int, op: str, *, path: str | None, fd: int, iova: int | None = None, size: int | None = None) -> int:
+    if rc < 0:
+        raise vfio_error(-rc, op, path=path, fd=fd, iova=iova, size=size)
+    return rc
+
+
+def get_api_version(fd: int, path: str | None = None) -> int:
+    return _check(lib.hr_vfio_get_api_version(fd), "VFIO_GET_API_VERSION", path=path, fd=fd)
+
+
+def check_extension(fd: int, extension: int, path: str | None = None) -> int:
+    return _check(lib.hr_vfio_check_extension(fd, extension), "VFIO_CHECK_EXTENSION", path=path, fd=fd)
+
+
+def set_iommu(fd: int, iommu_type: int, path: str | None = None) -> None:
+    _check(lib.hr_vfio_set_iommu(fd, iommu_type), "VFIO_SET_IOMMU", path=path, fd=fd)
+
+
+def group_get_status(fd: int, path: str | None = None) -> int:
+    flags = ffi.new("uint32_t *")
+    _check(lib.hr_vfio_group_get_status(fd, flags), "VFIO_GROUP_GET_STATUS", path=path, fd=fd)
+    return int(flags[0])
+
+
+def group_set_container(group_fd: int, container_fd: int, path: str | None = None) -> None:
+    _check(lib.hr_vfio_group_set_container(group_fd, container_fd), "VFIO_GROUP_SET_CONTAINER", path=path, fd=group_fd)
+
+
+def group_unset_container(group_fd: int, path: str | None = None) -> None:
+    _check(lib.hr_vfio_group_unset_container(group_fd), "VFIO_GROUP_UNSET_CONTAINER", path=path, fd=group_fd)
+
+
+def group_get_device_fd(group_fd: int, name: str, path: str | None = None) -> int:
+    return _check(
+        lib.hr_vfio_group_get_device_fd(group_fd, name.encode()), "VFIO_GROUP_GET_DEVICE_FD", path=path, fd=group_fd
+    )
+
+
+def device_get_info(fd: int, path: str | None = None) -> tuple[int, int, int]:
+    """``(flags, num_regions, num_irqs)``."""
+    info = ffi.new("struct vfio_device_info *")
+    _check(lib.hr_vfio_device_get_info(fd, info), "VFIO_DEVICE_GET_INFO", path=path, fd=fd)
+    return int(info.flags), int(info.num_regions), int(info.num_irqs)
+
+
+def device_get_region_info(fd: int, index: int, path: str | None = None) -> tuple[int, int, int]:
+    """``(flags, size, offset)`` of region ``index``."""
+    info = ffi.new("struct vfio_region_info *")
+    info.index = index
+    _check(lib.hr_vfio_device_get_region_info(fd, info), "VFIO_DEVICE_GET_REGION_INFO", path=path, fd=fd)
+    return int(info.flags), int(info.size), int(info.offset)
+
+
+def device_reset(fd: int, path: str | None = None) -> None:
+    _check(lib.hr_vfio_device_reset(fd), "VFIO_DEVICE_RESET", path=path, fd=fd)
+
+
+def iommu_get_info(fd: int, path: str | None = None) -> tuple[int, int, list[tuple[int, int]] | None, int | None, bool]:
+    """``(flags, iova_pgsizes, iova_ranges, dma_avail, has_migration_cap)`` of a container.
+
+    Grows the buffer to the ``argsz`` the kernel asks for (type1 raises argsz
+    when the capabilities do not fit and leaves cap_offset 0, Linux >= 5.4) and
+    asks again, then walks the chain by each header's ``next`` (an offset from
+    the start of the buffer; records are 8-byte padded since Linux 6.6, so never
+    step by sizeof).  ``iova_ranges`` (inclusive ends) and ``dma_avail`` are
+    ``None`` when the kernel does not report them.
+    """
+    size = int(ffi.sizeof("struct vfio_iommu_type1_info"))
+    for _ in range(8):
+        buf = ffi.new("char[]", size)
+        _check(lib.hr_vfio_iommu_get_info(fd, buf, size), "VFIO_IOMMU_GET_INFO", path=path, fd=fd)
+        info = ffi.cast("struct vfio_iommu_type1_info *", buf)
+        if info.argsz <= size:
+            break
+        size = int(info.argsz)
+    else:
+        raise vfio_error(71, "VFIO_IOMMU_GET_INFO", path=path, fd=fd)  # EPROTO: argsz never settled
+    ranges: list[tuple[int, int]] | None = None
+    dma_avail: int | None = None
+    migration = False
+    offset = int(info.cap_offset) if info.flags & lib.VFIO_IOMMU_INFO_CAPS else 0
+    seen: set[int] = set()
+    hdr_size = int(ffi.sizeof("struct vfio_info_cap_header"))
+    while offset and offset not in seen and offset + hdr_size <= size:
+        seen.add(offset)  # a malformed chain must not loop forever
+        hdr = ffi.cast("struct vfio_info_cap_header *", buf + offset)
+        if hdr.id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE:
+            cap = ffi.cast("struct vfio_iommu_type1_info_cap_iova_range *", buf + offset)
+            ranges = [(int(cap.iova_ranges[i].start), int(cap.iova_ranges[i].end)) for i in range(cap.nr_iovas)]
+        elif hdr.id == lib.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
+            dma_avail = int(ffi.cast("struct vfio_iommu_type1_info_dma_avail *", buf + offset).avail)
+        elif hdr.id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION:
+            migration = True
+        offset = int(hdr.next)
+    return int(info.flags), int(info.iova_pgsizes), ranges, dma_avail, migration
+
+
+def map_dma(fd: int, iova: int, size: int, vaddr: int, flags: int, path: str | None = None) -> None:
+    _check(lib.hr_vfio_map_dma(fd, flags, vaddr, iova, size), "VFIO_IOMMU_MAP_DMA", path=path, fd=fd, iova=iova, size=size)
+
+
+def unmap_dma(fd: int, iova: int, size: int, flags: int = 0, path: str | None = None) -> int:
+    """Unmap and return the number of bytes the kernel actually unmapped."""
+    out = ffi.new("uint64_t *")
+    _check(
+        lib.hr_vfio_unmap_dma(fd, flags, iova, size, out), "VFIO_IOMMU_UNMAP_DMA", path=path, fd=fd, iova=iova, size=size
+    )
+    return int(out[0])
+
+
+def bench_map_unmap(fd: int, vaddr: int, iova: int, size: int, count: int) -> None:
+    """The raw C loop of MAP_DMA+UNMAP_DMA pairs that benchmarks compare against."""
+    _check(lib.hr_vfio_bench_map_unmap(fd, vaddr, iova, size, count), "bench MAP/UNMAP", path=None, fd=fd, iova=iova, size=size)
+
+
+def buffer_address(buf: Any) -> int:
+    """Host virtual address of a writable buffer (``mmap``, ``bytearray``)."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+
+
+def sizeof(type_name: str) -> int:
+    """``sizeof`` a C type as compiled (for layout checks)."""
+    return int(ffi.sizeof(type_name))
+
+
+def offsetof(type_name: str, field: str) -> int:
+    """``offsetof`` a field as compiled (for layout checks)."""
+    return int(ffi.offsetof(type_name, field))

@@ -1,0 +1,1 @@
+"""Userspace drivers for the DMA engines hostrelay can test with (through VFIO)."""

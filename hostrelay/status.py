@@ -1,0 +1,116 @@
+"""The relay's errors and the one table that turns them into statuses.
+
+Every layer below the relay reports a refusal by raising; only
+:func:`status_for` decides which ``VIRTIO_IOMMU_S_*`` value the driver sees,
+so the mapping from failure to status is written down exactly once.
+
+Spec references are to the OASIS virtio v1.2+ "IOMMU Device" section (5.13)
+and to the requirement numbers D-xx of ``shared/research/virtio_iommu.md``.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from hostrelay._table import OverlapError, StraddleError
+from hostrelay.memory import GuestAddressError
+from hostrelay.protocol import FaultReason, Status
+
+
+class RelayError(Exception):
+    """A request the device refuses; subclasses name the reason."""
+
+
+class InvalidRequest(RelayError):
+    """Malformed or inconsistent parameters (reserved bits, flags, sizes)."""
+
+
+class OutOfRange(RelayError):
+    """Misaligned or out-of-range addresses, or a split UNMAP."""
+
+
+class NoEntry(RelayError):
+    """Unknown endpoint or domain."""
+
+
+class Unsupported(RelayError):
+    """A valid request this device cannot honour."""
+
+
+class NoResources(RelayError):
+    """A configured limit (domains, mappings) is reached."""
+
+
+class BadAddress(RelayError):
+    """A guest-physical address that is not guest memory."""
+
+
+class DeviceFailure(RelayError):
+    """The device or a backend failed internally."""
+
+
+class TranslationFault(RelayError):
+    """An emulated endpoint's DMA was refused; a fault record was queued.
+
+    Raised by :meth:`hostrelay.relay.Relay.translate`, never by
+    ``handle_request``.
+    """
+
+    def __init__(self, reason: FaultReason, endpoint: int, address: int, *, write: bool) -> None:
+        super().__init__(
+            f"{reason.name} fault: endpoint {endpoint:#x} "
+            f"{'write' if write else 'read'} at {address:#x}"
+        )
+        self.reason = reason
+        self.endpoint = endpoint
+        self.address = address
+        self.write = write
+
+
+# errno from backends (VFIO ioctls carry it in OSError) → status.  Follows
+# the Linux guest driver's reverse mapping (viommu_get_req_errno) so the guest
+# sees the errno the host saw where one exists; EEXIST is VFIO's overlap.
+_ERRNO_STATUS: dict[int, Status] = {
+    errno.EINVAL: Status.INVAL,
+    errno.EEXIST: Status.INVAL,
+    errno.ERANGE: Status.RANGE,
+    errno.ENOENT: Status.NOENT,
+    errno.ENODEV: Status.NOENT,
+    errno.EFAULT: Status.FAULT,
+    errno.ENOMEM: Status.NOMEM,
+    errno.ENOSPC: Status.NOMEM,
+    errno.ENOSYS: Status.UNSUPP,
+    errno.EOPNOTSUPP: Status.UNSUPP,
+    errno.EBUSY: Status.UNSUPP,
+}
+
+# THE table.  First matching class wins, so subclasses come before bases.
+STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
+    (InvalidRequest, Status.INVAL),
+    (OutOfRange, Status.RANGE),
+    (NoEntry, Status.NOENT),
+    (Unsupported, Status.UNSUPP),
+    (NoResources, Status.NOMEM),
+    (BadAddress, Status.FAULT),
+    (DeviceFailure, Status.DEVERR),
+    # Table refusals: 5.13.6.5 "a mapping already exists in the requested
+    # range" → INVAL (D-24); 5.13.6.6 "would split the mapping" → RANGE (D-32).
+    (OverlapError, Status.INVAL),
+    (StraddleError, Status.RANGE),
+    (GuestAddressError, Status.FAULT),
+    (MemoryError, Status.NOMEM),
+)
+
+
+def status_for(exc: BaseException) -> Status:
+    """The status a failed request reports for ``exc``.
+
+    Anything not listed (a bug, an unexpected backend error) is an internal
+    device error (DEVERR), so no exception ever escapes as a crash.
+    """
+    for cls, status in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return status
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _ERRNO_STATUS.get(exc.errno, Status.DEVERR)
+    return Status.DEVERR
