@@ -66,7 +66,3 @@ class Edu:
     def from_device(self, iova: int, count: int, *, offset: int = 0, timeout: float = 10.0) -> float:
         """DMA ``count`` bytes from the device buffer to ``iova``; return seconds taken."""
         return self._dma(BUFFER + offset, iova, count, True, timeout)
-
-    def read_buffer(self, count: int, offset: int = 0) -> bytes:
-        """The device buffer's contents, read through BAR0 (MMIO, not DMA)."""
-        return b"".join(self.device.read32(0, BUFFER + offset + i).to_bytes(4, "little") for i in range(0, count, 4))[:count]

@@ -25,6 +25,8 @@ from hostrelay.testbed.kernel import TestbedSetupError, find_kernel, required_mo
 __all__ = ["TestbedConfig", "TestbedResult", "run", "qemu_binary", "TIMEOUT_STATUS"]
 
 IOMMUS = ("intel", "virtio")
+# Files in the xfer share that belong to the runner itself.
+_XFER_OWN = frozenset({"cmd.sh", "output", "rc", "started"})
 # Exit status reported when the command did not finish in time (as timeout(1)).
 TIMEOUT_STATUS = 124
 # Environment carried from the host into the guest's command.
@@ -69,6 +71,8 @@ class TestbedResult:
     guest_uptime_at_start: float | None
     console: str = field(repr=False, default="")
     kernel: str = ""
+    # Files the command left in $HOSTRELAY_TESTBED_XFER (name -> content).
+    files: dict[str, bytes] = field(repr=False, default_factory=dict)
 
 
 def qemu_binary() -> str:
@@ -216,4 +220,5 @@ def run(
             guest_uptime_at_start=uptime,
             console=console,
             kernel=kernel.origin,
+            files={p.name: p.read_bytes() for p in xfer.iterdir() if p.is_file() and p.name not in _XFER_OWN},
         )

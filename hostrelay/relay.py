@@ -1,0 +1,760 @@
+"""The virtio-iommu device model: domains, endpoints, mappings, config, faults.
+
+:class:`Relay` is the state machine behind the embedding API of
+``shared/notes/design.md``.  It receives requests as the driver wrote them
+(:meth:`Relay.handle_request`), applies the semantics of the OASIS virtio
+specification v1.2–v1.4 "IOMMU Device" (5.13) including its SHOULDs, and
+returns the bytes the device writes back.  Requirement numbers D-xx refer to
+``shared/research/virtio_iommu.md`` §2.
+
+Where mappings take effect:
+
+- every domain owns one C :class:`~hostrelay._table.MappingTable` (the
+  emulated endpoints' translation, and the record UNMAP is checked against);
+- an endpoint may carry a :class:`Backend` (issue 4: a VFIO container).  The
+  domain forwards MAP/UNMAP to the distinct backends of its endpoints, replays
+  its mappings into a backend on ATTACH and removes them on DETACH.  The table
+  is only changed after every backend agreed, so a refused request leaves all
+  state as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from hostrelay._table import Mapping, MappingTable, OverlapError, TranslateError
+from hostrelay.memory import GuestMemory
+from hostrelay.protocol import (
+    ATTACH_F_MASK,
+    CONFIG_BYPASS_OFFSET,
+    HEAD_SIZE,
+    MAP_F_MASK,
+    REQUEST_CLASSES,
+    RESV_MEM_SIZE,
+    TAIL_SIZE,
+    U32_MAX,
+    U64_MAX,
+    AttachFlag,
+    AttachRequest,
+    Config,
+    DetachRequest,
+    Fault,
+    FaultFlag,
+    FaultReason,
+    Feature,
+    MapFlag,
+    MapRequest,
+    ProbeRequest,
+    ReqType,
+    ResvMem,
+    ResvMemType,
+    Status,
+    UnmapRequest,
+    pack_properties,
+    pack_tail,
+)
+from hostrelay.status import (
+    DeviceFailure,
+    InvalidRequest,
+    NoEntry,
+    NoResources,
+    OutOfRange,
+    RelayError,
+    TranslationFault,
+    Unsupported,
+    status_for,
+)
+
+__all__ = [
+    "Backend",
+    "DEFAULT_MSI_WINDOW",
+    "DEFAULT_PAGE_SIZE_MASK",
+    "DEFAULT_PROBE_SIZE",
+    "DeviceFailure",
+    "InvalidRequest",
+    "Mapping",
+    "NoEntry",
+    "NoResources",
+    "OutOfRange",
+    "Relay",
+    "RelayError",
+    "TranslationFault",
+    "Unsupported",
+]
+
+log = logging.getLogger(__name__)
+
+# 4 KiB granule with every larger power of two as a hint (5.13.6: "the least
+# significant bit set defines the page granularity"; the others are hints).
+DEFAULT_PAGE_SIZE_MASK = U64_MAX & ~0xFFF
+# x86 MSI doorbell window; reporting it stops Linux from carving its own
+# software MSI window at 0x8000000 (research §2.8, §4.1).
+DEFAULT_MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
+# Room for 21 RESV_MEM properties; QEMU uses the same size.
+DEFAULT_PROBE_SIZE = 512
+# A writable part larger than this cannot be a virtio-iommu reply; the device
+# treats the chain as unparseable rather than allocate a reply that big.
+MAX_WRITABLE = 1 << 20
+# Fault records kept until pop_events(); 5.13.6.9 lets the device drop events
+# when no buffer is available, and the eventq has 256 entries in practice.
+DEFAULT_EVENT_LIMIT = 256
+
+_ZERO4 = b"\0" * 4
+
+
+class Backend(Protocol):
+    """Where a domain's mappings take effect for some of its endpoints.
+
+    Issue 4 implements this with a VFIO container; emulated endpoints have no
+    backend (the domain's table is their translation).  Endpoints that share
+    a backend (devices of one VFIO group) share one object: the relay calls
+    each distinct backend of a domain once per request.
+
+    Each call either fully succeeds or raises and leaves the backend as it
+    was; the relay turns the exception into a status through
+    :func:`hostrelay.status.status_for` (an ``OSError`` keeps its errno).
+    """
+
+    def map(self, mapping: Mapping) -> None:
+        """Make ``mapping`` (exact range, no splitting) take effect."""
+
+    def unmap(self, mappings: Sequence[Mapping]) -> None:
+        """Remove exactly these mappings (all previously given to :meth:`map`)."""
+
+
+class _Endpoint:
+    __slots__ = ("id", "resv", "backend", "domain")
+
+    def __init__(self, endpoint_id: int, resv: tuple[ResvMem, ...], backend: Backend | None) -> None:
+        self.id = endpoint_id
+        self.resv = resv  # every RESV_MEM region PROBE reports for it
+        self.backend = backend
+        self.domain: _Domain | None = None
+
+
+class _Domain:
+    __slots__ = ("id", "bypass", "table", "endpoints", "resv", "backends")
+
+    def __init__(self, domain_id: int, bypass: bool) -> None:
+        self.id = domain_id
+        self.bypass = bypass
+        self.table = MappingTable()
+        self.endpoints: dict[int, _Endpoint] = {}
+        # Derived from the members on every ATTACH/DETACH so MAP and UNMAP
+        # pay nothing for them.
+        self.resv: tuple[ResvMem, ...] = ()
+        self.backends: tuple[Backend, ...] = ()
+
+    def has_backend(self, backend: Backend) -> bool:
+        return any(b is backend for b in self.backends)
+
+    def refresh(self) -> None:
+        resv: dict[tuple[int, int, int], ResvMem] = {}
+        backends: list[Backend] = []
+        for ep in self.endpoints.values():
+            for r in ep.resv:
+                resv[(r.subtype, r.start, r.end)] = r
+            if ep.backend is not None and not any(b is ep.backend for b in backends):
+                backends.append(ep.backend)
+        self.resv = tuple(resv.values())
+        self.backends = tuple(backends)
+
+
+def _as_regions(ranges: Iterable[tuple[int, int] | ResvMem], subtype: int) -> list[ResvMem]:
+    out = []
+    for r in ranges:
+        region = r if isinstance(r, ResvMem) else ResvMem(subtype, int(r[0]), int(r[1]))
+        if not 0 <= region.start <= region.end <= U64_MAX:
+            raise ValueError(f"bad reserved region [{region.start:#x}, {region.end:#x}]")
+        out.append(region)
+    return out
+
+
+def _check_disjoint(regions: Sequence[ResvMem]) -> None:
+    # D-43: no overlapping RESV_MEM properties for one endpoint;
+    # D-42: at most one MSI property per endpoint.
+    ordered = sorted(regions, key=lambda r: r.start)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.start <= a.end:
+            raise ValueError(f"reserved regions overlap: {a} and {b}")
+    if sum(1 for r in regions if r.subtype == ResvMemType.MSI) > 1:
+        raise ValueError("more than one MSI region")
+
+
+class Relay:
+    """A virtio-iommu device (5.13) for one guest.
+
+    Options (all keyword-only):
+
+    ``page_size_mask``
+        config ``page_size_mask``; its lowest set bit is the granule MAP
+        enforces (D-23).  Bit 0 allows byte-granular mappings (5.13.6), which
+        the QEMU conformance sequences need.
+    ``input_range``, ``domain_range``
+        inclusive ``(start, end)`` IOVA and domain-ID limits; requests outside
+        them are refused with RANGE.
+    ``bypass``
+        initial config ``bypass`` (D-04: survives :meth:`reset`, restored by
+        :meth:`system_reset`).
+    ``probe``, ``probe_size``
+        offer ``VIRTIO_IOMMU_F_PROBE`` and the size of its properties area.
+    ``msi_window``
+        the RESV_MEM MSI region every endpoint reports (``None`` for none).
+    ``reserved_regions``
+        further RESV_MEM RESERVED regions of every endpoint.
+    ``mmio``
+        offer ``VIRTIO_IOMMU_F_MMIO`` (otherwise MAP_F_MMIO is an unknown flag).
+    ``max_domains``, ``max_mappings``
+        resource limits (per device, per domain) answered with NOMEM.
+    ``event_limit``
+        how many fault records wait for :meth:`pop_events` before new ones
+        are dropped.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        *,
+        page_size_mask: int = DEFAULT_PAGE_SIZE_MASK,
+        input_range: tuple[int, int] = (0, U64_MAX),
+        domain_range: tuple[int, int] = (0, U32_MAX),
+        bypass: bool = True,
+        probe: bool = True,
+        probe_size: int = DEFAULT_PROBE_SIZE,
+        msi_window: tuple[int, int] | None = DEFAULT_MSI_WINDOW,
+        reserved_regions: Iterable[tuple[int, int]] = (),
+        mmio: bool = True,
+        max_domains: int | None = None,
+        max_mappings: int | None = None,
+        event_limit: int = DEFAULT_EVENT_LIMIT,
+    ) -> None:
+        if not 0 < page_size_mask <= U64_MAX:
+            raise ValueError("page_size_mask must have at least one bit set (D-03)")
+        if not 0 <= input_range[0] <= input_range[1] <= U64_MAX:
+            raise ValueError("bad input_range")
+        if not 0 <= domain_range[0] <= domain_range[1] <= U32_MAX:
+            raise ValueError("bad domain_range")
+        if probe and not 0 <= probe_size <= U32_MAX:
+            raise ValueError("bad probe_size")
+        self.memory = memory
+        self._page_size_mask = page_size_mask
+        self._granule = page_size_mask & -page_size_mask
+        self._input_start, self._input_end = input_range
+        self._domain_start, self._domain_end = domain_range
+        self._probe = probe
+        self._probe_size = probe_size if probe else 0
+        self._mmio = mmio
+        self._map_flags_mask = MAP_F_MASK if mmio else MAP_F_MASK & ~MapFlag.MMIO
+        self._initial_bypass = bool(bypass)
+        self._bypass = self._initial_bypass
+        self._max_domains = max_domains
+        self._max_mappings = max_mappings
+        self._driver_features: int | None = None
+
+        resv: list[ResvMem] = []
+        if msi_window is not None:
+            resv += _as_regions([msi_window], ResvMemType.MSI)
+        resv += _as_regions(reserved_regions, ResvMemType.RESERVED)
+        _check_disjoint(resv)
+        self._check_fits(resv)
+        self._common_resv = tuple(sorted(resv, key=lambda r: (r.subtype != ResvMemType.MSI, r.start)))
+
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._domains: dict[int, _Domain] = {}
+        self._events: deque[bytes] = deque()
+        self._event_limit = event_limit
+        self.dropped_events = 0
+        # One lock: a VMM may translate() from device threads while the
+        # request queue is processed elsewhere.
+        self._lock = threading.Lock()
+
+        self._handlers: dict[int, Callable[[Any], None]] = {
+            ReqType.ATTACH: self._attach_req,
+            ReqType.DETACH: self._detach_req,
+            ReqType.MAP: self._map_req,
+            ReqType.UNMAP: self._unmap_req,
+        }
+
+    # --- configuration --------------------------------------------------------
+
+    def _check_fits(self, regions: Sequence[ResvMem]) -> None:
+        if self._probe and len(regions) * RESV_MEM_SIZE > self._probe_size:
+            raise ValueError(
+                f"{len(regions)} RESV_MEM properties do not fit probe_size {self._probe_size}"
+            )
+
+    @property
+    def device_features(self) -> int:
+        """Feature bits the device offers (5.13.3 plus VIRTIO_F_VERSION_1)."""
+        f = (
+            Feature.VERSION_1
+            | Feature.MAP_UNMAP
+            | Feature.INPUT_RANGE
+            | Feature.DOMAIN_RANGE
+            | Feature.BYPASS_CONFIG  # never legacy F_BYPASS as well (D-02)
+        )
+        if self._probe:
+            f |= Feature.PROBE
+        if self._mmio:
+            f |= Feature.MMIO
+        return int(f)
+
+    def ack_features(self, driver_features: int) -> int:
+        """Record the features the driver accepted; returns the negotiated set.
+
+        Optional: without it the relay assumes the driver accepted everything.
+        It only gates the ``bypass`` config write (5.13.4: only when
+        BYPASS_CONFIG is negotiated).
+        """
+        self._driver_features = driver_features & self.device_features
+        return self._driver_features
+
+    @property
+    def bypass(self) -> bool:
+        """Current config ``bypass`` field."""
+        return self._bypass
+
+    @property
+    def page_size_mask(self) -> int:
+        """Config ``page_size_mask``."""
+        return self._page_size_mask
+
+    def config(self) -> Config:
+        """The config space as a dataclass."""
+        return Config(
+            page_size_mask=self._page_size_mask,
+            input_start=self._input_start,
+            input_end=self._input_end,
+            domain_start=self._domain_start,
+            domain_end=self._domain_end,
+            probe_size=self._probe_size,
+            bypass=int(self._bypass),  # only ever 0 or 1 (D-05)
+        )
+
+    def config_bytes(self) -> bytes:
+        """The 40-byte ``struct virtio_iommu_config`` (5.13.4)."""
+        return self.config().pack()
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """A driver write to config space.
+
+        Only ``bypass`` (offset 36) is writable, only with 0 or 1 (5.13.4,
+        G-01); anything else is a driver error the device ignores so that it
+        never presents another value (D-05).  Bytes of a wider write that fall
+        on read-only fields are ignored too.
+        """
+        if not offset <= CONFIG_BYPASS_OFFSET < offset + len(data):
+            log.debug("ignored config write at %d (%d bytes)", offset, len(data))
+            return
+        if self._driver_features is not None and not (
+            self._driver_features & Feature.BYPASS_CONFIG
+        ):
+            log.debug("ignored bypass write: BYPASS_CONFIG not negotiated")
+            return
+        value = data[CONFIG_BYPASS_OFFSET - offset]
+        if value not in (0, 1):
+            log.debug("ignored bypass write of %d", value)
+            return
+        with self._lock:
+            self._bypass = bool(value)
+
+    # --- endpoints ------------------------------------------------------------
+
+    def add_endpoint(
+        self,
+        endpoint_id: int,
+        *,
+        reserved: Iterable[tuple[int, int]] = (),
+        backend: Backend | None = None,
+    ) -> None:
+        """Declare an endpoint (a PCI requester ID) behind this IOMMU.
+
+        ``reserved`` adds RESV_MEM RESERVED regions for this endpoint only;
+        ``backend`` is where its domain's mappings take effect (issue 4:
+        VFIO); ``None`` means an emulated endpoint served by :meth:`translate`.
+        """
+        if not 0 <= endpoint_id <= U32_MAX:
+            raise ValueError(f"endpoint id {endpoint_id} is not a u32")
+        regions = list(self._common_resv) + _as_regions(reserved, ResvMemType.RESERVED)
+        _check_disjoint(regions)
+        self._check_fits(regions)
+        with self._lock:
+            if endpoint_id in self._endpoints:
+                raise ValueError(f"endpoint {endpoint_id:#x} already exists")
+            self._endpoints[endpoint_id] = _Endpoint(endpoint_id, tuple(regions), backend)
+
+    def reserved_regions(self, endpoint_id: int) -> tuple[ResvMem, ...]:
+        """The RESV_MEM regions PROBE reports for an endpoint."""
+        return self._endpoints[endpoint_id].resv
+
+    def endpoint_domain(self, endpoint_id: int) -> int | None:
+        """The domain an endpoint is attached to, if any."""
+        dom = self._endpoints[endpoint_id].domain
+        return None if dom is None else dom.id
+
+    def domain_ids(self) -> list[int]:
+        """IDs of the live domains."""
+        return sorted(self._domains)
+
+    def domain_is_bypass(self, domain_id: int) -> bool:
+        """True for a domain created with ATTACH_F_BYPASS."""
+        return self._domains[domain_id].bypass
+
+    def domain_endpoints(self, domain_id: int) -> list[int]:
+        """Endpoints attached to a domain."""
+        return sorted(self._domains[domain_id].endpoints)
+
+    def mappings(self, domain_id: int) -> list[Mapping]:
+        """A domain's mappings in IOVA order (read from the C table)."""
+        return list(self._domains[domain_id].table)
+
+    def mapping_count(self, domain_id: int) -> int:
+        """Number of mappings in a domain."""
+        return len(self._domains[domain_id].table)
+
+    def table(self, domain_id: int) -> MappingTable:
+        """A domain's C table (for a C queue walker or for inspection)."""
+        return self._domains[domain_id].table
+
+    # --- resets -----------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Device reset: no endpoint stays attached (5.13.5, D-06).
+
+        ``bypass`` keeps its value (D-04); pending fault records are dropped.
+        """
+        with self._lock:
+            for ep in self._endpoints.values():
+                if ep.domain is not None:
+                    try:
+                        self._detach(ep)
+                    except Exception:
+                        # A backend that cannot unmap must not keep the
+                        # endpoint attached across a reset.
+                        log.exception("backend failed to detach endpoint %#x on reset", ep.id)
+                        self._unlink(ep)
+            self._events.clear()
+
+    def system_reset(self) -> None:
+        """System reset: device reset, and ``bypass`` back to its initial value (D-04)."""
+        self.reset()
+        self._bypass = self._initial_bypass
+
+    # --- requests ---------------------------------------------------------------
+
+    def handle_request(self, readable: bytes, writable_len: int) -> bytes:
+        """Process one request; return exactly the bytes the device writes.
+
+        ``readable`` is the device-readable part (head + body) and
+        ``writable_len`` the size of the device-writable part.  The tail is
+        the last 4 writable bytes; the reply is ``writable_len`` bytes (tail,
+        or PROBE properties + tail) so the used length always equals the
+        writable length, which is what the Linux driver requires before it
+        copies the status back (research §1.4).  ``b""`` means "used length
+        0": an unknown type (D-08), a PROBE without F_PROBE (D-36) or a chain
+        whose tail cannot be located (5.13.6).  No exception escapes.
+        """
+        try:
+            with self._lock:
+                return self._handle(readable, writable_len)
+        except Exception:  # a bug must not take the device down
+            log.exception("internal error handling a request")
+            try:
+                if TAIL_SIZE <= writable_len <= MAX_WRITABLE:
+                    return bytes(writable_len - TAIL_SIZE) + pack_tail(Status.DEVERR)
+            except Exception:
+                pass
+            return b""
+
+    def _handle(self, readable: bytes, writable_len: int) -> bytes:
+        n = len(readable)
+        if n < HEAD_SIZE or not TAIL_SIZE <= writable_len <= MAX_WRITABLE:
+            return b""
+        req_type = readable[0]  # head.reserved ignored (D-09)
+        cls = REQUEST_CLASSES.get(req_type)
+        if cls is None:
+            return b""  # D-08
+        if req_type == ReqType.PROBE:
+            if not self._probe:
+                return b""  # D-36
+            return self._probe_req(readable, writable_len)
+        # The writable part of ATTACH/DETACH/MAP/UNMAP is the tail alone and
+        # the readable part is exactly head + body: any other split is an
+        # inconsistent buffer, refused before anything is decoded.
+        if n != cls.readable_size() or writable_len != TAIL_SIZE:
+            return self._reply(Status.INVAL, writable_len)
+        req = cls.unpack(readable[HEAD_SIZE:])
+        try:
+            self._handlers[req_type](req)
+        except Exception as exc:
+            status = status_for(exc)
+            if status == Status.DEVERR:
+                log.warning("%s failed: %r", cls.TYPE.name, exc)
+            else:
+                log.debug("%s refused (%s): %s", cls.TYPE.name, status.name, exc)
+            return pack_tail(status)
+        return pack_tail(Status.OK)
+
+    @staticmethod
+    def _reply(status: Status, writable_len: int) -> bytes:
+        # Zeros up to the tail: properties a failed PROBE does not write are
+        # zero-filled (D-39, D-40), and the used length is the writable length.
+        return bytes(writable_len - TAIL_SIZE) + pack_tail(status)
+
+    def _check_domain_id(self, domain_id: int) -> None:
+        # G-03 forbids the driver such IDs; 5.13.6 names no status, and
+        # "out-of-range parameters" is what RANGE means.
+        if not self._domain_start <= domain_id <= self._domain_end:
+            raise OutOfRange(f"domain {domain_id} outside domain_range")
+
+    # ATTACH (5.13.6.3)
+    def _attach_req(self, req: AttachRequest) -> None:
+        if req.reserved != _ZERO4:
+            raise InvalidRequest("ATTACH reserved is not zero")  # D-11 (MUST)
+        if req.flags & ~ATTACH_F_MASK:
+            raise InvalidRequest(f"unknown ATTACH flags {req.flags:#x}")  # D-12 (MUST)
+        ep = self._endpoints.get(req.endpoint)
+        if ep is None:
+            raise NoEntry(f"no endpoint {req.endpoint:#x}")  # D-13 (MUST)
+        self._check_domain_id(req.domain)
+        bypass = bool(req.flags & AttachFlag.BYPASS)
+        dom = self._domains.get(req.domain)
+        if dom is not None:
+            # D-15, checked before the implicit detach below so a refused
+            # ATTACH leaves the endpoint where it was (QEMU detaches first).
+            if dom.bypass != bypass:
+                raise InvalidRequest("ATTACH_F_BYPASS inconsistent with the domain")
+            if ep.domain is dom:
+                return  # already there: re-attaching changes nothing
+            # D-17: the endpoint's reserved regions must be free in the domain.
+            for r in ep.resv:
+                if dom.table.overlaps(r.start, r.end):
+                    raise Unsupported(
+                        f"domain {dom.id} maps into reserved region [{r.start:#x}, {r.end:#x}]"
+                    )
+        elif self._max_domains is not None:
+            frees_one = ep.domain is not None and len(ep.domain.endpoints) == 1
+            if len(self._domains) - frees_one >= self._max_domains:
+                raise NoResources("domain limit reached")
+        if ep.domain is not None:
+            self._detach(ep)  # D-16: as if DETACH, then ATTACH
+        if dom is None:
+            dom = _Domain(req.domain, bypass)
+            self._domains[req.domain] = dom
+        try:
+            self._link(ep, dom)
+        except BaseException:
+            if not dom.endpoints:
+                self._drop_domain(dom)
+            raise
+
+    def _link(self, ep: _Endpoint, dom: _Domain) -> None:
+        b = ep.backend
+        if b is not None and not dom.bypass and not dom.has_backend(b) and len(dom.table):
+            # A backend new to the domain gets every existing mapping
+            # (QEMU/CH replay on attach); undo on failure so it ends clean.
+            done: list[Mapping] = []
+            try:
+                for m in dom.table:
+                    b.map(m)
+                    done.append(m)
+            except BaseException:
+                if done:
+                    try:
+                        b.unmap(done)
+                    except Exception:
+                        log.exception("rollback of ATTACH replay failed")
+                raise
+        dom.endpoints[ep.id] = ep
+        ep.domain = dom
+        dom.refresh()
+
+    def _detach(self, ep: _Endpoint) -> None:
+        dom = ep.domain
+        assert dom is not None
+        b = ep.backend
+        if (
+            b is not None
+            and not dom.bypass
+            and len(dom.table)
+            and not any(o.backend is b for o in dom.endpoints.values() if o is not ep)
+        ):
+            # D-22: after DETACH the endpoint reaches none of the domain's
+            # mappings.  Done before unlinking so a failure changes nothing.
+            b.unmap(list(dom.table))
+        self._unlink(ep)
+
+    def _unlink(self, ep: _Endpoint) -> None:
+        dom = ep.domain
+        assert dom is not None
+        del dom.endpoints[ep.id]
+        ep.domain = None
+        if dom.endpoints:
+            dom.refresh()
+        else:
+            self._drop_domain(dom)  # the domain dies with its last endpoint
+
+    def _drop_domain(self, dom: _Domain) -> None:
+        self._domains.pop(dom.id, None)
+        dom.table.clear()
+
+    # DETACH (5.13.6.4); reserved is ignored (D-19)
+    def _detach_req(self, req: DetachRequest) -> None:
+        ep = self._endpoints.get(req.endpoint)
+        if ep is None:
+            raise NoEntry(f"no endpoint {req.endpoint:#x}")  # D-20 (MUST)
+        self._check_domain_id(req.domain)
+        if ep.domain is None or ep.domain.id != req.domain:
+            raise InvalidRequest(f"endpoint {ep.id:#x} is not in domain {req.domain}")  # D-21
+        self._detach(ep)
+
+    # MAP (5.13.6.5)
+    def _map_req(self, req: MapRequest) -> None:
+        flags = req.flags
+        if flags & ~self._map_flags_mask:
+            raise InvalidRequest(f"unknown MAP flags {flags:#x}")  # D-25 (MUST)
+        self._check_domain_id(req.domain)
+        vs, ve, ps = req.virt_start, req.virt_end, req.phys_start
+        if ve < vs:
+            # G-04 (virt_end > virt_start) relaxed to >= because 5.13.6
+            # explicitly allows 1-byte mappings when bit 0 of the mask is set.
+            raise InvalidRequest("virt_end before virt_start")
+        g = self._granule
+        if vs % g or ps % g or (ve + 1) % g:
+            raise OutOfRange("MAP not aligned on the page granule")  # D-23
+        if vs < self._input_start or ve > self._input_end:
+            raise OutOfRange("MAP outside input_range")  # 5.13.6: "fails"
+        size = ve - vs + 1
+        if ps + size - 1 > U64_MAX:
+            raise OutOfRange("physical range wraps")
+        dom = self._domains.get(req.domain)
+        if dom is None:
+            raise NoEntry(f"no domain {req.domain}")  # D-26
+        if dom.bypass:
+            raise InvalidRequest("MAP on a bypass domain")  # D-27
+        for r in dom.resv:
+            if vs <= r.end and r.start <= ve:
+                raise InvalidRequest(f"MAP overlaps reserved [{r.start:#x}, {r.end:#x}]")  # D-44
+        table = dom.table
+        if table.overlaps(vs, ve):
+            raise OverlapError(f"[{vs:#x}, {ve:#x}] overlaps a mapping")  # D-24
+        if not flags & MapFlag.MMIO:
+            # 5.13.6.5: the physical range lies within guest-physical space.
+            # MMIO mappings target device registers, which are not RAM.
+            self.memory.require(ps, size)
+        if self._max_mappings is not None and len(table) >= self._max_mappings:
+            raise NoResources("mapping limit reached")
+        mapping = Mapping(vs, ve, ps, flags)
+        done: list[Backend] = []
+        try:
+            for b in dom.backends:
+                b.map(mapping)
+                done.append(b)
+            table.insert(vs, ve, ps, flags)
+        except BaseException:
+            # Design: a MAP that fails in one backend is undone in the others.
+            for b in done:
+                try:
+                    b.unmap([mapping])
+                except Exception:
+                    log.exception("rollback of MAP %s failed", mapping)
+            raise
+
+    # UNMAP (5.13.6.6)
+    def _unmap_req(self, req: UnmapRequest) -> None:
+        if req.reserved != _ZERO4:
+            # D-29 allows INVAL and leaves performing the UNMAP optional; a
+            # rejected request changes nothing.
+            raise InvalidRequest("UNMAP reserved is not zero")
+        self._check_domain_id(req.domain)
+        vs, ve = req.virt_start, req.virt_end
+        if ve < vs:
+            raise InvalidRequest("virt_end before virt_start")
+        dom = self._domains.get(req.domain)
+        if dom is None:
+            raise NoEntry(f"no domain {req.domain}")  # D-30
+        if dom.bypass:
+            raise InvalidRequest("UNMAP on a bypass domain")  # D-31
+        table = dom.table
+        if dom.backends and table.check_range(vs, ve):
+            # Straddles were refused by check_range (D-32) before any backend
+            # is touched; then each backend drops exactly the covered mappings.
+            covered = table.covered(vs, ve)
+            for b in dom.backends:
+                b.unmap(covered)
+        # Atomic in C: RANGE with nothing removed if a mapping is straddled
+        # (D-32); holes are fine (D-33).
+        table.remove_range(vs, ve)
+
+    # PROBE (5.13.6.7); request reserved is ignored (D-34)
+    def _probe_req(self, readable: bytes, writable_len: int) -> bytes:
+        if len(readable) != ProbeRequest.readable_size():
+            return self._reply(Status.INVAL, writable_len)
+        if writable_len != self._probe_size + TAIL_SIZE:
+            # D-39: a properties area smaller than probe_size gets no property
+            # and INVAL; a larger one breaks the driver's MUST as well.
+            return self._reply(Status.INVAL, writable_len)
+        req = ProbeRequest.unpack(readable[HEAD_SIZE:])
+        ep = self._endpoints.get(req.endpoint)
+        if ep is None:
+            return self._reply(Status.NOENT, writable_len)  # D-35
+        # Sizes were checked when the regions were configured; D-37/38/40/41
+        # are the codec's job (zero reserved bits, length 20, zero fill).
+        return pack_properties(list(ep.resv), self._probe_size) + pack_tail(Status.OK)
+
+    # --- emulated endpoints ---------------------------------------------------
+
+    def translate(self, endpoint_id: int, iova: int, size: int, *, write: bool) -> int:
+        """GPA of an emulated endpoint's DMA to ``[iova, iova + size - 1]``.
+
+        Identity in bypass (5.13.6: unattached with ``bypass`` = 1, or a
+        bypass domain) and inside the MSI doorbell window.  A span may cross
+        mappings that are adjacent in IOVA and contiguous in GPA.  Otherwise
+        raises :class:`TranslationFault` after queueing a 24-byte fault record
+        (5.13.6.9): reason DOMAIN for an unattached endpoint, MAPPING for an
+        unmapped address or missing READ/WRITE permission (D-28).
+        """
+        if size <= 0 or iova < 0 or iova + size - 1 > U64_MAX:
+            raise ValueError(f"bad DMA span {iova:#x}+{size:#x}")
+        with self._lock:
+            ep = self._endpoints.get(endpoint_id)
+            if ep is None:
+                raise ValueError(f"unknown endpoint {endpoint_id:#x}")
+            dom = ep.domain
+            if dom is None:
+                if self._bypass:
+                    return iova
+                # D-10: unattached, non-bypass endpoints reach nothing.
+                raise self._fault(FaultReason.DOMAIN, ep.id, iova, write)
+            if dom.bypass:
+                return iova
+            last = iova + size - 1
+            for r in ep.resv:
+                if r.subtype == ResvMemType.MSI and r.start <= iova and last <= r.end:
+                    return iova  # MSI doorbells are not translated (5.13.6.8.1)
+            need = MapFlag.WRITE if write else MapFlag.READ
+            try:
+                return dom.table.translate(iova, size, need)
+            except TranslateError as exc:
+                raise self._fault(FaultReason.MAPPING, ep.id, exc.address, write) from None
+
+    def _fault(self, reason: FaultReason, endpoint: int, address: int, write: bool) -> TranslationFault:
+        flags = (FaultFlag.WRITE if write else FaultFlag.READ) | FaultFlag.ADDRESS
+        record = Fault(reason, int(flags), endpoint, address).pack()
+        if len(self._events) < self._event_limit:
+            self._events.append(record)
+        else:
+            self.dropped_events += 1  # 5.13.6.9: the device may drop events
+        return TranslationFault(reason, endpoint, address, write=write)
+
+    def pop_events(self) -> list[bytes]:
+        """Take the queued 24-byte fault records, oldest first."""
+        with self._lock:
+            out = list(self._events)
+            self._events.clear()
+        return out
+

@@ -1,0 +1,49 @@
+"""Shared fixtures; the VFIO tier plumbing lives in tests/testbed_plugin.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["testbed_plugin"]
+
+
+@pytest.fixture(scope="session")
+def edu_bdfs() -> list[str]:
+    """Every edu function, bound to vfio-pci (skips where there is none)."""
+    from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
+    from hostrelay.sysfs import bind_vfio, find_pci, wait_for_vfio_node
+    from hostrelay.vfio import group_of
+
+    found = find_pci(VENDOR_ID, DEVICE_ID)
+    if not found:
+        pytest.skip("no QEMU edu device (1234:11e8) on this VFIO host; the testbed has one")
+    for bdf in found:
+        bind_vfio(bdf)
+        wait_for_vfio_node(group_of(bdf))
+    return found
+
+
+@pytest.fixture(scope="session")
+def vfio_bdf(request: pytest.FixtureRequest) -> str:
+    """A function bound to vfio-pci: $HOSTRELAY_VFIO_DEVICE on a real host, else the first edu."""
+    named = os.environ.get("HOSTRELAY_VFIO_DEVICE")
+    if named:
+        return named
+    edu: list[str] = request.getfixturevalue("edu_bdfs")
+    return edu[0]
+
+
+@pytest.fixture
+def container(vfio_bdf: str) -> Iterator["object"]:
+    """A type1v2 container holding ``vfio_bdf``'s group; everything closed afterwards."""
+    from hostrelay.vfio import Container, Group
+
+    with Container() as c:
+        c.attach(Group.for_device(vfio_bdf))
+        yield c
