@@ -176,6 +176,7 @@ def vfio_error(
 ) -> VfioError:
     """Build the typed error for ``err`` from ``operation`` (the one errno→type table)."""
     cls = _CLASSES.get(err, VfioError)
+    hint: str | None
     if err == _errno.ENOTTY:
         hint = "the file descriptor is not a VFIO object of the kind this ioctl needs"
     else:
