@@ -26,6 +26,10 @@ def testbed() -> None:
               help="Emulated IOMMU: Intel VT-d with interrupt remapping, or virtio-iommu.")
 @click.option("--edu", type=click.IntRange(0, 8), default=1, show_default=True, help="Number of edu DMA devices.")
 @click.option("--nvme", type=click.IntRange(0, 8), default=0, show_default=True, help="Number of nvme controllers.")
+@click.option("--bridged-edu", type=click.IntRange(0, 8), default=0, show_default=True,
+              help="edu devices behind one pcie-pci-bridge (they share an IOMMU group).")
+@click.option("--hotplug-ports", type=click.IntRange(0, 8), default=0, show_default=True,
+              help="Empty PCIe root ports hp0.. for QMP device_add.")
 @click.option("--kernel-arg", "kernel_args", multiple=True, metavar="ARG",
               help="Extra kernel command line argument; module.param=value applies to the modules the testbed loads.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds before the VM is killed (exit 124).")
@@ -35,7 +39,7 @@ def testbed() -> None:
 @click.option("--memory", "memory_mb", type=click.IntRange(256, 16384), default=2048, show_default=True, help="Guest RAM in MiB.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def testbed_run(iommu: str, edu: int, nvme: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
+def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
                 modules: Path | None, memory_mb: int, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
     """Boot the testbed, run CMD as root in it, power off; exit with CMD's status.
 
@@ -53,7 +57,8 @@ def testbed_run(iommu: str, edu: int, nvme: int, kernel_args: tuple[str, ...], t
         if not quiet:
             click.echo(text, err=True)
 
-    config = TestbedConfig(iommu=iommu, edu=edu, nvme=nvme, kernel_args=kernel_args, kernel=kernel,
+    config = TestbedConfig(iommu=iommu, edu=edu, nvme=nvme, bridged_edu=bridged_edu, hotplug_ports=hotplug_ports,
+                           kernel_args=kernel_args, kernel=kernel,
                            modules=modules, memory_mb=memory_mb)  # fmt: skip
     try:
         result = run(cmd, config, timeout=timeout, on_output=out, log=log)

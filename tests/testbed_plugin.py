@@ -14,7 +14,7 @@ the reason, except under ``CI=true`` or ``HOSTRELAY_REQUIRE_VFIO=1``, where
 that is a failure: CI must run them.
 
 Marker: ``@pytest.mark.vfio(iommu=("intel", "virtio"), edu=1, nvme=0,
-kernel_args=(...))``.  A test listing several IOMMUs takes a ``vfio_iommu``
+bridged_edu=0, hotplug_ports=0, kernel_args=(...))`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
 argument and is parametrized over them.
 """
 
@@ -52,11 +52,21 @@ class GroupKey:
     iommu: str
     edu: int
     nvme: int
+    bridged_edu: int
+    hotplug_ports: int
     kernel_args: tuple[str, ...]
 
     def describe(self) -> str:
-        extra = f" {' '.join(self.kernel_args)}" if self.kernel_args else ""
+        extra = f" --bridged-edu {self.bridged_edu}" if self.bridged_edu else ""
+        extra += f" --hotplug-ports {self.hotplug_ports}" if self.hotplug_ports else ""
+        extra += "".join(f" --kernel-arg {a}" for a in self.kernel_args)
         return f"--iommu {self.iommu} --edu {self.edu} --nvme {self.nvme}{extra}"
+
+    def testbed_config(self) -> Any:
+        from hostrelay.testbed import TestbedConfig
+
+        return TestbedConfig(iommu=self.iommu, edu=self.edu, nvme=self.nvme, bridged_edu=self.bridged_edu,
+                             hotplug_ports=self.hotplug_ports, kernel_args=self.kernel_args)  # fmt: skip
 
 
 def _marker_iommus(marker: pytest.Mark) -> tuple[str, ...]:
@@ -76,7 +86,9 @@ def group_key(item: pytest.Item) -> GroupKey:
         # virtio-iommu has no interrupt remapping: type1 refuses groups unless
         # allow_unsafe_interrupts=1 (Linux 6.12 vfio_iommu_type1).
         args = tuple(sorted(set(args) | {"vfio_iommu_type1.allow_unsafe_interrupts=1"}))
-    return GroupKey(iommu, int(marker.kwargs.get("edu", 1)), int(marker.kwargs.get("nvme", 0)), tuple(sorted(args)))
+    kw = marker.kwargs
+    return GroupKey(iommu, int(kw.get("edu", 1)), int(kw.get("nvme", 0)), int(kw.get("bridged_edu", 0)),
+                    int(kw.get("hotplug_ports", 0)), tuple(sorted(args)))  # fmt: skip
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -171,7 +183,7 @@ class TestbedRunner:
         }
 
     def _run_group(self, key: GroupKey) -> None:
-        from hostrelay.testbed import TestbedConfig, TestbedSetupError, run
+        from hostrelay.testbed import TestbedSetupError, run
 
         items = self.groups[key]
         nodeids = [i.nodeid for i in items]
@@ -183,8 +195,7 @@ class TestbedRunner:
             reporter.write_line(f"\n[testbed] booting {key.describe()} for {len(nodeids)} VFIO tests", yellow=True)
         started = time.monotonic()
         try:
-            result = run(cmd, TestbedConfig(iommu=key.iommu, edu=key.edu, nvme=key.nvme, kernel_args=key.kernel_args),
-                         timeout=GROUP_TIMEOUT, cwd=rootdir)  # fmt: skip
+            result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir)
         except TestbedSetupError as exc:
             self.errors[key] = f"VFIO test needs the testbed, which cannot start here: {exc}"
             return
