@@ -183,7 +183,7 @@ class TestbedRunner:
         }
 
     def _run_group(self, key: GroupKey) -> None:
-        from hostrelay.testbed import TestbedSetupError, run
+        from hostrelay.testbed import TestbedBootError, TestbedSetupError, run
 
         items = self.groups[key]
         nodeids = [i.nodeid for i in items]
@@ -194,8 +194,18 @@ class TestbedRunner:
         if reporter is not None:
             reporter.write_line(f"\n[testbed] booting {key.describe()} for {len(nodeids)} VFIO tests", yellow=True)
         started = time.monotonic()
+        retried = ""
         try:
-            result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir)
+            try:
+                result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir)
+            except TestbedBootError as exc:
+                if exc.command_started:
+                    raise
+                # The guest died while booting, before any test ran: that is
+                # the emulator, not the code under test.  One more boot, and
+                # the summary says so.
+                retried = f" (second boot; the first died booting: {str(exc).splitlines()[0]})"
+                result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir)
         except TestbedSetupError as exc:
             self.errors[key] = f"VFIO test needs the testbed, which cannot start here: {exc}"
             return
@@ -222,7 +232,7 @@ class TestbedRunner:
         self.results[key] = outcomes
         self.timings.append(
             f"{key.describe()}: {len(nodeids)} tests, boot {result.boot_seconds or 0:.1f} s, "
-            f"total {time.monotonic() - started:.1f} s, kernel {result.kernel}"
+            f"total {time.monotonic() - started:.1f} s, kernel {result.kernel}{retried}"
         )
 
 

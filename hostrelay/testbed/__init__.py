@@ -5,6 +5,6 @@ host's own root filesystem and returns a :class:`TestbedResult`.
 """
 
 from hostrelay.testbed.kernel import TestbedSetupError, find_kernel
-from hostrelay.testbed.vm import TIMEOUT_STATUS, TestbedConfig, TestbedResult, qemu_binary, run
+from hostrelay.testbed.vm import TIMEOUT_STATUS, TestbedBootError, TestbedConfig, TestbedResult, qemu_binary, run
 
-__all__ = ["TIMEOUT_STATUS", "TestbedConfig", "TestbedResult", "TestbedSetupError", "find_kernel", "qemu_binary", "run"]
+__all__ = ["TIMEOUT_STATUS", "TestbedBootError", "TestbedConfig", "TestbedResult", "TestbedSetupError", "find_kernel", "qemu_binary", "run"]
