@@ -1,0 +1,144 @@
+"""The driver side of a split virtqueue in guest memory (virtio 1.2 §2.7).
+
+hostrelay is the *device*; this is what a guest driver (or a VMM's test
+harness) does on the other side of the ring: lay out the descriptor table and
+the available/used rings in :class:`~hostrelay.memory.GuestMemory`, put
+request buffers in guest RAM, publish chains, and read completions.  Tests and
+examples use it to feed :meth:`hostrelay.relay.Relay.process_queue` exactly as
+a guest would; it also builds malformed chains on purpose.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hostrelay.memory import GuestMemory
+
+__all__ = ["DESC_F_INDIRECT", "DESC_F_NEXT", "DESC_F_WRITE", "DriverQueue", "Used"]
+
+# virtio 1.2 §2.7.5 descriptor flags (the values of <linux/virtio_ring.h>).
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+
+_DESC = struct.Struct("<QIHH")
+
+
+@dataclass(frozen=True)
+class Used:
+    """One used-ring element: the chain's head and how many bytes the device wrote."""
+
+    id: int
+    len: int
+
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) & ~(to - 1)
+
+
+class DriverQueue:
+    """A split virtqueue of ``size`` entries at ``base`` in guest memory.
+
+    Layout from ``base``: descriptor table, available ring, used ring (each
+    aligned as §2.7 requires), then a data area of ``data_size`` bytes from
+    which request buffers are carved.  Descriptors are handed out round-robin;
+    the caller completes a batch (:meth:`used`) before reusing a slot.
+    """
+
+    def __init__(self, memory: GuestMemory, base: int, size: int, *, data_size: int = 1 << 20) -> None:
+        if size <= 0 or size & (size - 1) or size > 32768:
+            raise ValueError("queue size must be a power of two <= 32768")
+        self.memory = memory
+        self.size = size
+        self.desc = _align(base, 16)
+        self.avail = self.desc + 16 * size
+        self.used_ring = _align(self.avail + 6 + 2 * size, 4)
+        self.data = _align(self.used_ring + 6 + 8 * size, 64)
+        self.data_end = self.data + data_size
+        memory.require(self.desc, self.data_end - self.desc)
+        memory.write(self.desc, bytes(self.data - self.desc))
+        self._next_desc = 0
+        self._data_pos = self.data
+        self.avail_idx = 0
+        self.last_used = 0
+
+    # -- raw access (also for building malformed chains) ------------------
+    def write_desc(self, index: int, addr: int, length: int, flags: int, next_index: int = 0,
+                   table: int | None = None) -> None:  # fmt: skip
+        """Write descriptor ``index`` of the ring's table (or of an indirect ``table``)."""
+        base = self.desc if table is None else table
+        self.memory.write(base + 16 * index, _DESC.pack(addr, length, flags, next_index))
+
+    def publish(self, *heads: int) -> None:
+        """Put chain heads in the available ring and expose them (one index update)."""
+        for head in heads:
+            self.memory.write(self.avail + 4 + 2 * (self.avail_idx % self.size), struct.pack("<H", head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        """Carve ``size`` bytes of guest memory from the data area (wraps around)."""
+        pos = _align(self._data_pos, align)
+        if pos + size > self.data_end:
+            pos = self.data
+            if pos + size > self.data_end:
+                raise ValueError("data area too small")
+        self._data_pos = pos + size
+        return pos
+
+    # -- the normal driver path --------------------------------------------
+    def add(self, readable: Sequence[bytes], writable: Sequence[int], *, indirect: bool = False,
+            publish: bool = True) -> tuple[int, list[int]]:  # fmt: skip
+        """Add one chain: readable buffers, then writable ones of the given sizes.
+
+        Returns the head index and the GPAs of the writable buffers.  With
+        ``indirect`` the chain is one ring descriptor pointing at an indirect
+        table (§2.7.5.3).
+        """
+        segs: list[tuple[int, int, int]] = []
+        for data in readable:
+            gpa = self.alloc(max(len(data), 1))
+            self.memory.write(gpa, data)
+            segs.append((gpa, len(data), 0))
+        out = []
+        for n in writable:
+            gpa = self.alloc(max(n, 1))
+            self.memory.write(gpa, bytes(n))
+            segs.append((gpa, n, DESC_F_WRITE))
+            out.append(gpa)
+        if indirect:
+            table = self.alloc(16 * len(segs))
+            for i, (gpa, n, flags) in enumerate(segs):
+                last = i == len(segs) - 1
+                self.write_desc(i, gpa, n, flags | (0 if last else DESC_F_NEXT), i + 1, table=table)
+            head = self._take(1)[0]
+            self.write_desc(head, table, 16 * len(segs), DESC_F_INDIRECT)
+        else:
+            idx = self._take(len(segs))
+            head = idx[0]
+            for i, (gpa, n, flags) in enumerate(segs):
+                last = i == len(segs) - 1
+                self.write_desc(idx[i], gpa, n, flags | (0 if last else DESC_F_NEXT), 0 if last else idx[i + 1])
+        if publish:
+            self.publish(head)
+        return head, out
+
+    def _take(self, count: int) -> list[int]:
+        if count > self.size:
+            raise ValueError("chain longer than the queue")
+        out = [(self._next_desc + i) % self.size for i in range(count)]
+        self._next_desc = (self._next_desc + count) % self.size
+        return out
+
+    def used(self) -> list[Used]:
+        """The used-ring elements completed since the last call."""
+        idx = struct.unpack("<H", self.memory.read(self.used_ring + 2, 2))[0]
+        out = []
+        while self.last_used != idx:
+            slot = self.used_ring + 4 + 8 * (self.last_used % self.size)
+            id_, length = struct.unpack("<II", self.memory.read(slot, 8))
+            out.append(Used(id_, length))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        return out
