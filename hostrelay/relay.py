@@ -11,11 +11,24 @@ Where mappings take effect:
 
 - every domain owns one C :class:`~hostrelay._table.MappingTable` (the
   emulated endpoints' translation, and the record UNMAP is checked against);
-- an endpoint may carry a :class:`Backend` (issue 4: a VFIO container).  The
-  domain forwards MAP/UNMAP to the distinct backends of its endpoints, replays
-  its mappings into a backend on ATTACH and removes them on DETACH.  The table
-  is only changed after every backend agreed, so a refused request leaves all
-  state as it was.
+- an endpoint may carry a :class:`Backend` (issue 4: a VFIO container,
+  :class:`hostrelay.vfio_backend.VfioBackend`, one per host IOMMU group,
+  created by :meth:`Relay.add_vfio_endpoint`).  The domain forwards MAP/UNMAP
+  to the distinct backends of its endpoints, replays its mappings into a
+  backend on ATTACH and removes them on DETACH.  The table is only changed
+  after every backend agreed, so a refused request leaves all state as it was;
+  a backend's refusal is also logged and queued as a fault event, because the
+  Linux guest driver never reads MAP/UNMAP statuses.
+- a backend with ``set_identity`` (VFIO) gets guest RAM identity-mapped while
+  its endpoints are in bypass (unattached with config ``bypass`` = 1, or in a
+  bypass domain).
+
+Host reality (VFIO): :meth:`Relay.add_vfio_endpoint` recomputes
+``page_size_mask`` and ``input_range`` from the containers and gives the
+endpoint RESV_MEM regions from its group's ``reserved_regions`` and the holes
+between the host's usable IOVA ranges.  The config must not change once the
+driver looked at it, so VFIO endpoints can only be added before the first
+request or :meth:`Relay.ack_features` (the relay is then *frozen*).
 """
 
 from __future__ import annotations
@@ -24,7 +37,8 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from hostrelay._table import Mapping, MappingTable, OverlapError, TranslateError
 from hostrelay.memory import GuestMemory
@@ -69,6 +83,10 @@ from hostrelay.status import (
     status_for,
 )
 
+if TYPE_CHECKING:
+    from hostrelay.vfio import Device
+    from hostrelay.vfio_backend import MemlockBudget, VfioBackend
+
 __all__ = [
     "Backend",
     "DEFAULT_MSI_WINDOW",
@@ -104,6 +122,12 @@ MAX_WRITABLE = 1 << 20
 DEFAULT_EVENT_LIMIT = 256
 
 _ZERO4 = b"\0" * 4
+_RW = int(MapFlag.READ | MapFlag.WRITE)
+_PAGE = 0x1000
+# The Linux virtio-iommu driver refuses a granule larger than the guest's
+# PAGE_SIZE (viommu_probe: "granule ... larger than system page size"), 4 KiB
+# on x86 guests.
+MAX_GUEST_GRANULE = 0x1000
 
 
 class Backend(Protocol):
@@ -174,6 +198,43 @@ def _as_regions(ranges: Iterable[tuple[int, int] | ResvMem], subtype: int) -> li
     return out
 
 
+def _union(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge inclusive intervals into disjoint sorted ones (touching ones join)."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def _subtract(intervals: Iterable[tuple[int, int]], holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive ``intervals`` minus every interval of ``holes``."""
+    out = []
+    for s, e in intervals:
+        pieces = [(s, e)]
+        for hs, he in holes:
+            nxt = []
+            for ps, pe in pieces:
+                if he < ps or hs > pe:
+                    nxt.append((ps, pe))
+                    continue
+                if ps < hs:
+                    nxt.append((ps, hs - 1))
+                if he < pe:
+                    nxt.append((he + 1, pe))
+            pieces = nxt
+        out += pieces
+    return out
+
+
+def _covered_bytes(intervals: Iterable[tuple[int, int]]) -> int:
+    """Bytes of the union of inclusive intervals, rounded out to whole 4 KiB pages (pins are per page)."""
+    pages = ((s & ~(_PAGE - 1), e | (_PAGE - 1)) for s, e in intervals)
+    return sum(e - s + 1 for s, e in _union(pages))
+
+
 def _check_disjoint(regions: Sequence[ResvMem]) -> None:
     # D-43: no overlapping RESV_MEM properties for one endpoint;
     # D-42: at most one MSI property per endpoint.
@@ -241,6 +302,10 @@ class Relay:
         if probe and not 0 <= probe_size <= U32_MAX:
             raise ValueError("bad probe_size")
         self.memory = memory
+        # As configured; add_vfio_endpoint() narrows the live values below.
+        self._user_page_size_mask = page_size_mask
+        self._user_input_range = (input_range[0], input_range[1])
+        self._user_reserved = _as_regions(reserved_regions, ResvMemType.RESERVED)
         self._page_size_mask = page_size_mask
         self._granule = page_size_mask & -page_size_mask
         self._input_start, self._input_end = input_range
@@ -262,6 +327,13 @@ class Relay:
         _check_disjoint(resv)
         self._check_fits(resv)
         self._common_resv = tuple(sorted(resv, key=lambda r: (r.subtype != ResvMemType.MSI, r.start)))
+
+        # VFIO (issue 4): one backend per host IOMMU group, the device fds a
+        # VMM keeps open, and the process-wide RLIMIT_MEMLOCK budget.
+        self._vfio: dict[int, VfioBackend] = {}
+        self._vfio_devices: dict[int, Device] = {}
+        self._budget: MemlockBudget | None = None
+        self._frozen = False  # config seen by the driver: no more VFIO endpoints
 
         self._endpoints: dict[int, _Endpoint] = {}
         self._domains: dict[int, _Domain] = {}
@@ -311,6 +383,7 @@ class Relay:
         BYPASS_CONFIG is negotiated).
         """
         self._driver_features = driver_features & self.device_features
+        self._frozen = True  # the driver has read the config by now
         return self._driver_features
 
     @property
@@ -360,7 +433,13 @@ class Relay:
             log.debug("ignored bypass write of %d", value)
             return
         with self._lock:
+            changed = self._bypass != bool(value)
             self._bypass = bool(value)
+            if changed:
+                # Unattached VFIO endpoints follow config bypass (5.13.6).
+                for b in self._vfio.values():
+                    if not self._attached_domains(b):
+                        self._sync_identity(b)
 
     # --- endpoints ------------------------------------------------------------
 
@@ -386,6 +465,180 @@ class Relay:
             if endpoint_id in self._endpoints:
                 raise ValueError(f"endpoint {endpoint_id:#x} already exists")
             self._endpoints[endpoint_id] = _Endpoint(endpoint_id, tuple(regions), backend)
+
+    def add_vfio_endpoint(
+        self,
+        endpoint_id: int,
+        bdf: str,
+        *,
+        dev_root: Path | None = None,
+        sysfs_root: Path | None = None,
+    ) -> Device:
+        """Declare a passed-through PCI function ``bdf`` as endpoint ``endpoint_id``.
+
+        Opens the function's VFIO group in its own type1v2 container, or
+        reuses the container when a sibling of the same group was added
+        already (a group moves as a unit), opens the device fd and keeps it
+        open as a VMM would (returned, and later :meth:`vfio_device`).
+
+        Host reality goes into the config: ``page_size_mask`` becomes the
+        intersection of every container's ``iova_pgsizes`` (further narrowed
+        by the configured mask where that keeps the granule), ``input_range``
+        the intersection of the configured range with the span of every
+        container's usable IOVA ranges, and the endpoint reports RESV_MEM for
+        its group's ``reserved_regions`` and for the holes between its
+        container's usable ranges (the MSI window as the MSI subtype).  Only
+        allowed before the driver looks at the config (first request or
+        :meth:`ack_features`): raises :class:`RuntimeError` afterwards.
+        """
+        from hostrelay.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, group_of
+        from hostrelay.vfio_backend import MemlockBudget, VfioBackend
+
+        dev_root = DEFAULT_DEV_ROOT if dev_root is None else dev_root
+        sysfs_root = DEFAULT_SYSFS_ROOT if sysfs_root is None else sysfs_root
+        if not 0 <= endpoint_id <= U32_MAX:
+            raise ValueError(f"endpoint id {endpoint_id} is not a u32")
+        with self._lock:
+            if self._frozen:
+                raise RuntimeError("the driver has read the config: add VFIO endpoints before it starts")
+            if endpoint_id in self._endpoints:
+                raise ValueError(f"endpoint {endpoint_id:#x} already exists")
+            group_id = group_of(bdf, sysfs_root)
+            backend = self._vfio.get(group_id)
+            new = backend is None
+            if backend is None:
+                if self._budget is None:
+                    self._budget = MemlockBudget()
+                backend = VfioBackend(self.memory, group_id, budget=self._budget,
+                                      dev_root=dev_root, sysfs_root=sysfs_root)  # fmt: skip
+            try:
+                backends = [*self._vfio.values(), backend] if new else list(self._vfio.values())
+                mask, input_range = self._host_config(backends)
+                regions = self._host_regions(backend, input_range)
+                self._check_fits(regions)
+                device = backend.open_device(bdf)
+                if new:
+                    # No domain exists before the freeze: the endpoint is
+                    # unattached and follows config bypass.
+                    backend.set_identity(self._bypass)
+            except BaseException:
+                if new:
+                    backend.close()
+                raise
+            self._vfio[group_id] = backend
+            self._vfio_devices[endpoint_id] = device
+            self._endpoints[endpoint_id] = _Endpoint(endpoint_id, tuple(regions), backend)
+            self._page_size_mask = mask
+            self._granule = mask & -mask
+            self._input_start, self._input_end = input_range
+            return device
+
+    def _host_config(self, backends: Sequence[VfioBackend]) -> tuple[int, tuple[int, int]]:
+        """``page_size_mask`` and ``input_range`` for these containers (Linux >= 5.4 reports ranges)."""
+        hosts = U64_MAX
+        start, end = self._user_input_range
+        for b in backends:
+            hosts &= b.info.iova_pgsizes
+            if b.info.iova_ranges:
+                start = max(start, min(r.start for r in b.info.iova_ranges))
+                end = min(end, max(r.end for r in b.info.iova_ranges))
+        if not hosts:
+            raise ValueError("the host IOMMUs have no page size in common")
+        granule = hosts & -hosts
+        if granule > MAX_GUEST_GRANULE:
+            raise ValueError(
+                f"host IOMMU granule {granule:#x} is larger than {MAX_GUEST_GRANULE:#x}: "
+                "an x86 guest's virtio-iommu driver cannot use it"
+            )
+        narrowed = hosts & self._user_page_size_mask
+        mask = narrowed if narrowed and narrowed & -narrowed == granule else hosts
+        if start > end:
+            raise ValueError("the host IOMMUs have no usable IOVA range in common with input_range")
+        return mask, (start, end)
+
+    def _host_regions(self, backend: VfioBackend, input_range: tuple[int, int]) -> list[ResvMem]:
+        """RESV_MEM regions of an endpoint of ``backend``: configured + host reserved + range holes."""
+        lo, hi = input_range
+        msi = [(r.start, r.end) for r in self._common_resv if r.subtype == ResvMemType.MSI]
+        msi += [(r.start, r.end) for r in backend.host_reserved if r.is_msi]
+        reserved = [(r.start, r.end) for r in self._user_reserved]
+        reserved += [(r.start, r.end) for r in backend.host_reserved if not r.is_msi]
+        ranges = sorted((r.start, r.end) for r in backend.info.iova_ranges)
+        # Holes between usable ranges: type1 refuses MAPs there (EINVAL).
+        reserved += [(a[1] + 1, b[0] - 1) for a, b in zip(ranges, ranges[1:]) if b[0] > a[1] + 1]
+        msi_u = _union(msi)
+        if len(msi_u) > 1:  # D-42: one MSI property per endpoint; the rest stays reserved
+            reserved += msi_u[1:]
+            msi_u = msi_u[:1]
+        clipped = [(max(s, lo), min(e, hi)) for s, e in _union(reserved) if s <= hi and e >= lo]
+        out = [ResvMem(ResvMemType.MSI, s, e) for s, e in msi_u]
+        out += [ResvMem(ResvMemType.RESERVED, s, e) for s, e in _subtract(clipped, msi_u)]
+        _check_disjoint(out)
+        return out
+
+    def vfio_device(self, endpoint_id: int) -> Device:
+        """The open VFIO device fd of a VFIO endpoint (to drive its DMA)."""
+        return self._vfio_devices[endpoint_id]
+
+    def vfio_backend(self, endpoint_id: int) -> VfioBackend:
+        """The container backend of a VFIO endpoint (shared by its group)."""
+        from hostrelay.vfio_backend import VfioBackend
+
+        b = self._endpoints[endpoint_id].backend
+        if not isinstance(b, VfioBackend):
+            raise ValueError(f"endpoint {endpoint_id:#x} is not a VFIO endpoint")
+        return b
+
+    def close(self) -> None:
+        """Close every VFIO device, group and container (the kernel unpins everything)."""
+        with self._lock:
+            for b in self._vfio.values():
+                b.close()
+            self._vfio.clear()
+            self._vfio_devices.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """Pinned-page bookkeeping, per domain and in total (computed in Python for now).
+
+        ``pinned_bytes`` counts each host page once however many IOVAs and
+        containers map it; ``charged_bytes`` is what type1 charges to
+        RLIMIT_MEMLOCK (per container and per mapping, so the same page in two
+        containers or at two IOVAs counts twice).  ``containers`` has each VFIO
+        container's own counters; ``bypass`` the identity maps.
+        """
+        with self._lock:
+            domains: dict[int, dict[str, int]] = {}
+            everything: list[tuple[int, int]] = []
+            for dom in self._domains.values():
+                n_vfio = sum(1 for b in dom.backends if hasattr(b, "charged"))
+                spans = [(m.phys, m.phys + m.size - 1) for m in dom.table if m.flags & _RW] if n_vfio else []
+                kernel_bytes = sum(e - s + 1 for s, e in spans)
+                domains[dom.id] = {
+                    "mappings": len(dom.table),
+                    "containers": n_vfio,
+                    "pinned_bytes": _covered_bytes(spans),
+                    "charged_bytes": kernel_bytes * n_vfio,
+                }
+                everything += spans
+            identity: list[tuple[int, int]] = []
+            for b in self._vfio.values():
+                identity += [(gpa, gpa + size - 1) for gpa, size in b.identity_pieces()]
+            everything += identity
+            containers = {gid: b.stats() for gid, b in self._vfio.items()}
+            return {
+                "domains": domains,
+                "bypass": {
+                    "containers": sum(1 for b in self._vfio.values() if b.identity_mapped),
+                    "pinned_bytes": _covered_bytes(identity),
+                    "charged_bytes": sum(c["identity_bytes"] for c in containers.values()),
+                },
+                "total": {
+                    "pinned_bytes": _covered_bytes(everything),
+                    "charged_bytes": sum(c["charged_bytes"] for c in containers.values()),
+                    "entries": sum(c["entries"] for c in containers.values()),
+                },
+                "containers": containers,
+            }
 
     def reserved_regions(self, endpoint_id: int) -> tuple[ResvMem, ...]:
         """The RESV_MEM regions PROBE reports for an endpoint."""
@@ -437,6 +690,8 @@ class Relay:
                         # endpoint attached across a reset.
                         log.exception("backend failed to detach endpoint %#x on reset", ep.id)
                         self._unlink(ep)
+                        if ep.backend is not None:
+                            self._sync_identity(ep.backend)
             self._events.clear()
 
     def system_reset(self) -> None:
@@ -462,6 +717,7 @@ class Relay:
             if type(readable) is not bytes:
                 readable = bytes(readable)  # a guest buffer view: decode from a stable copy
             with self._lock:
+                self._frozen = True  # a driver is talking: the config it read stays
                 return self._handle(readable, writable_len)
         except Exception:  # a bug must not take the device down
             log.exception("internal error handling a request")
@@ -542,8 +798,18 @@ class Relay:
             frees_one = ep.domain is not None and len(ep.domain.endpoints) == 1
             if len(self._domains) - frees_one >= self._max_domains:
                 raise NoResources("domain limit reached")
+        if ep.backend is not None:
+            # A host IOMMU group is one container: its devices cannot be in
+            # different domains (crosvm answers the same; research §2.11).
+            for o in self._endpoints.values():
+                if o is not ep and o.backend is ep.backend and o.domain is not None and o.domain.id != req.domain:
+                    raise Unsupported(
+                        f"endpoint {ep.id:#x} shares a host IOMMU group with {o.id:#x}, which is in domain {o.domain.id}"
+                    )
         if ep.domain is not None:
-            self._detach(ep)  # D-16: as if DETACH, then ATTACH
+            # D-16: as if DETACH, then ATTACH; the bypass identity map is
+            # settled by _link (no map-then-unmap of all guest RAM).
+            self._detach(ep, sync=False)
         if dom is None:
             dom = _Domain(req.domain, bypass)
             self._domains[req.domain] = dom
@@ -552,30 +818,83 @@ class Relay:
         except BaseException:
             if not dom.endpoints:
                 self._drop_domain(dom)
+            if ep.backend is not None:
+                self._sync_identity(ep.backend)  # unattached now: follow config bypass
             raise
 
     def _link(self, ep: _Endpoint, dom: _Domain) -> None:
         b = ep.backend
-        if b is not None and not dom.bypass and not dom.has_backend(b) and len(dom.table):
-            # A backend new to the domain gets every existing mapping
-            # (QEMU/CH replay on attach); undo on failure so it ends clean.
-            done: list[Mapping] = []
+        if b is not None and not dom.has_backend(b):
+            set_identity = getattr(b, "set_identity", None)
             try:
-                for m in dom.table:
-                    b.map(m)
-                    done.append(m)
-            except BaseException:
-                if done:
-                    try:
-                        b.unmap(done)
-                    except Exception:
-                        log.exception("rollback of ATTACH replay failed")
+                if set_identity is not None:
+                    # Bypass domain: guest RAM at IOVA = GPA; otherwise the
+                    # identity map goes before the domain's mappings come in.
+                    set_identity(dom.bypass)
+                if not dom.bypass and len(dom.table):
+                    self._replay(b, dom)
+            except BaseException as exc:
+                self._backend_failed(b, exc, "ATTACH", 0, write=True)
                 raise
         dom.endpoints[ep.id] = ep
         ep.domain = dom
         dom.refresh()
 
-    def _detach(self, ep: _Endpoint) -> None:
+    @staticmethod
+    def _replay(b: Backend, dom: _Domain) -> None:
+        # A backend new to the domain gets every existing mapping
+        # (QEMU/CH replay on attach); undo on failure so it ends clean.
+        done: list[Mapping] = []
+        try:
+            for m in dom.table:
+                b.map(m)
+                done.append(m)
+        except BaseException:
+            if done:
+                try:
+                    b.unmap(done)
+                except Exception:
+                    log.exception("rollback of ATTACH replay failed")
+            raise
+
+    def _attached_domains(self, b: Backend) -> list[_Domain]:
+        return [o.domain for o in self._endpoints.values() if o.backend is b and o.domain is not None]
+
+    def _sync_identity(self, b: Backend) -> None:
+        """Give ``b`` the identity map iff its endpoints are in bypass; failures are logged."""
+        set_identity = getattr(b, "set_identity", None)
+        if set_identity is None:
+            return
+        doms = self._attached_domains(b)
+        want = doms[0].bypass if doms else self._bypass
+        try:
+            set_identity(want)
+        except Exception as exc:
+            self._backend_failed(b, exc, "bypass identity map" if want else "bypass identity unmap", 0, write=True)
+
+    def _backend_failed(self, b: Backend, exc: BaseException, what: str, address: int, *, write: bool) -> None:
+        """Log a backend's refusal and queue a fault record per endpoint it serves.
+
+        The Linux driver ignores MAP/UNMAP statuses, so the event queue (and
+        the host log) is where a refused relay becomes visible; reason UNKNOWN
+        because 5.13.6.9 has no better one for "the host could not do it".
+        """
+        eps = [o.id for o in self._endpoints.values() if o.backend is b]
+        log.warning("%s at %#x refused by the backend of endpoint(s) %s: %s", what, address,
+                    ", ".join(f"{e:#x}" for e in eps), exc)  # fmt: skip
+        flags = int((FaultFlag.WRITE if write else FaultFlag.READ) | FaultFlag.ADDRESS)
+        for e in eps:
+            self._queue_event(Fault(FaultReason.UNKNOWN, flags, e, address).pack())
+
+    def _queue_event(self, record: bytes) -> None:
+        if len(self._events) < self._event_limit:
+            self._events.append(record)
+        else:
+            self.dropped_events += 1  # 5.13.6.9: the device may drop events
+
+    def _detach(self, ep: _Endpoint, *, sync: bool = True) -> None:
+        from hostrelay.vfio_backend import UnmapMismatch
+
         dom = ep.domain
         assert dom is not None
         b = ep.backend
@@ -587,8 +906,19 @@ class Relay:
         ):
             # D-22: after DETACH the endpoint reaches none of the domain's
             # mappings.  Done before unlinking so a failure changes nothing.
-            b.unmap(list(dom.table))
+            try:
+                b.unmap(list(dom.table))
+            except UnmapMismatch as exc:
+                # The container holds none of them now: finish the detach.
+                self._backend_failed(b, exc, "DETACH", 0, write=True)
+                self._unlink(ep)
+                raise
+            except BaseException as exc:
+                self._backend_failed(b, exc, "DETACH", 0, write=True)
+                raise
         self._unlink(ep)
+        if sync and b is not None:
+            self._sync_identity(b)
 
     def _unlink(self, ep: _Endpoint) -> None:
         dom = ep.domain
@@ -657,19 +987,36 @@ class Relay:
             # Before any backend sees it (VFIO would say EEXIST half-way).
             raise OverlapError(f"[{vs:#x}, {ve:#x}] overlaps a mapping")  # D-24
         mapping = Mapping(vs, ve, ps, flags)
+        current: Backend | None = None
         done: list[Backend] = []
         try:
+            # Limits before any ioctl (design: "before the kernel trips"):
+            # each container's entries and ranges, then the memlock charge of
+            # all of them together, since type1 charges one process counter.
+            charge = 0
             for b in dom.backends:
+                current = b
+                precheck = getattr(b, "precheck", None)
+                if precheck is not None:
+                    charge += precheck(mapping)
+            current = None
+            if charge and self._budget is not None:
+                self._budget.check(charge)
+            for b in dom.backends:
+                current = b
                 b.map(mapping)
                 done.append(b)
+            current = None
             table.insert(vs, ve, ps, flags)
-        except BaseException:
+        except BaseException as exc:
             # Design: a MAP that fails in one backend is undone in the others.
             for b in done:
                 try:
                     b.unmap([mapping])
                 except Exception:
                     log.exception("rollback of MAP %s failed", mapping)
+            for b in [current] if current is not None else dom.backends:
+                self._backend_failed(b, exc, "MAP", vs, write=bool(flags & MapFlag.WRITE))
             raise
 
     # UNMAP (5.13.6.6)
@@ -691,12 +1038,41 @@ class Relay:
         if dom.backends and table.check_range(vs, ve):
             # Straddles were refused by check_range (D-32) before any backend
             # is touched; then each backend drops exactly the covered mappings.
-            covered = table.covered(vs, ve)
-            for b in dom.backends:
-                b.unmap(covered)
+            self._unmap_backends(dom, table.covered(vs, ve), vs)
         # Atomic in C: RANGE with nothing removed if a mapping is straddled
         # (D-32); holes are fine (D-33).
         table.remove_range(vs, ve)
+
+    def _unmap_backends(self, dom: _Domain, covered: list[Mapping], address: int) -> None:
+        """Fan an UNMAP out; a refusal re-maps the backends already done.
+
+        A kernel byte-count mismatch (:class:`UnmapMismatch`) leaves that
+        container without the mappings, so the others and the table follow
+        (all converge on "unmapped") and the mismatch is then reported.
+        """
+        from hostrelay.vfio_backend import UnmapMismatch
+
+        mismatch: UnmapMismatch | None = None
+        done: list[Backend] = []
+        for b in dom.backends:
+            try:
+                b.unmap(covered)
+            except UnmapMismatch as exc:
+                self._backend_failed(b, exc, "UNMAP", address, write=True)
+                mismatch = exc
+            except BaseException as exc:
+                self._backend_failed(b, exc, "UNMAP", address, write=True)
+                for d in done:
+                    for m in covered:
+                        try:
+                            d.map(m)
+                        except Exception:
+                            log.exception("rollback of UNMAP: re-map of %s failed", m)
+                raise
+            done.append(b)
+        if mismatch is not None:
+            dom.table.remove_range(covered[0].start, covered[-1].end)
+            raise mismatch
 
     # PROBE (5.13.6.7); request reserved is ignored (D-34)
     def _probe_req(self, readable: bytes, writable_len: int) -> bytes:
@@ -752,11 +1128,7 @@ class Relay:
 
     def _fault(self, reason: FaultReason, endpoint: int, address: int, write: bool) -> TranslationFault:
         flags = (FaultFlag.WRITE if write else FaultFlag.READ) | FaultFlag.ADDRESS
-        record = Fault(reason, int(flags), endpoint, address).pack()
-        if len(self._events) < self._event_limit:
-            self._events.append(record)
-        else:
-            self.dropped_events += 1  # 5.13.6.9: the device may drop events
+        self._queue_event(Fault(reason, int(flags), endpoint, address).pack())
         return TranslationFault(reason, endpoint, address, write=write)
 
     def pop_events(self) -> list[bytes]:
