@@ -17,9 +17,11 @@ HERE = Path(__file__).resolve().parent
 
 ffibuilder = FFI()
 
-# Sorted so the build is reproducible; vfio first because the others may use
-# its types.
-_cdefs = sorted(HERE.glob("*.cdef"), key=lambda p: (p.stem != "hr_vfio", p.stem))
+# Declaration order: the building blocks first (hr_relay uses the types of
+# hr_table and hr_vq), then any other file alphabetically, so the build is
+# reproducible.
+_FIRST = ["hr_vfio", "hr_table", "hr_vq"]
+_cdefs = sorted(HERE.glob("*.cdef"), key=lambda p: (_FIRST.index(p.stem) if p.stem in _FIRST else len(_FIRST), p.stem))
 for cdef in _cdefs:
     ffibuilder.cdef(cdef.read_text(), override=False)
 

@@ -118,6 +118,7 @@ class GuestMemory:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[Region] = []
+        self._generation = 0
 
     def add_region(
         self,
@@ -175,7 +176,13 @@ class GuestMemory:
             )
         self._starts.insert(i, gpa)
         self._regions.insert(i, region)
+        self._generation += 1
         return region
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the set of regions changes (the relay's C copy follows it)."""
+        return self._generation
 
     @property
     def regions(self) -> tuple[Region, ...]:

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hostrelay._native import ffi, lib
 from hostrelay._table import Mapping, MappingTable, OverlapError, TranslateError
 from hostrelay.memory import GuestMemory
 from hostrelay.protocol import (
@@ -148,6 +149,27 @@ class Backend(Protocol):
 
     def unmap(self, mappings: Sequence[Mapping]) -> None:
         """Remove exactly these mappings (all previously given to :meth:`map`)."""
+
+
+def _is_native(b: object) -> bool:
+    """True for a backend the C data plane drives itself (a VFIO container)."""
+    return getattr(b, "c", None) is not None
+
+
+class _Queue:
+    """A split virtqueue the C walker serves (cext/hr_vq.c)."""
+
+    __slots__ = ("vq", "chain", "completed", "errs", "nerrs", "buf")
+
+    ERRS = 32
+
+    def __init__(self) -> None:
+        self.vq = ffi.new("struct hr_vq *")
+        self.chain = ffi.new("struct hr_chain *")
+        self.completed = ffi.new("uint32_t *")
+        self.errs = ffi.new("struct hr_result[]", self.ERRS)
+        self.nerrs = ffi.new("uint32_t *")
+        self.buf = ffi.new("uint8_t[]", 4096)
 
 
 class _Endpoint:
@@ -344,11 +366,20 @@ class Relay:
         # request queue is processed elsewhere.
         self._lock = threading.Lock()
 
+        # The MAP/UNMAP data plane (cext/hr_relay.c): the one implementation
+        # of MAP and UNMAP, shared by handle_request and the ring walker.
+        self._c = ffi.gc(lib.hr_relay_new(), lib.hr_relay_free)
+        if self._c == ffi.NULL:
+            raise MemoryError("hr_relay_new")
+        self._c_result = ffi.new("struct hr_result *")
+        self._c_tail = ffi.new("uint8_t[4]")
+        self._mem_generation = -1
+        self._queues: dict[int, _Queue] = {}
+        self._configure_c()
+
         self._handlers: dict[int, Callable[[Any], None]] = {
             ReqType.ATTACH: self._attach_req,
             ReqType.DETACH: self._detach_req,
-            ReqType.MAP: self._map_req,
-            ReqType.UNMAP: self._unmap_req,
         }
 
     # --- configuration --------------------------------------------------------
@@ -441,6 +472,81 @@ class Relay:
                     if not self._attached_domains(b):
                         self._sync_identity(b)
 
+    # --- the C data plane -------------------------------------------------------
+
+    def _configure_c(self) -> None:
+        """Push the config MAP checks depend on into the C data plane."""
+        lib.hr_relay_configure(self._c, self._granule, self._input_start, self._input_end,
+                               self._domain_start, self._domain_end, int(self._map_flags_mask),
+                               self._max_mappings or 0)  # fmt: skip
+
+    def _sync_memory(self) -> None:
+        """Give C the current guest RAM layout (GuestMemory may grow after construction)."""
+        gen = self.memory.generation
+        if gen == self._mem_generation:
+            return
+        regions = self.memory.regions
+        arr = ffi.new("struct hr_gmem_region[]", max(len(regions), 1))
+        for i, r in enumerate(regions):
+            arr[i].gpa, arr[i].size, arr[i].hva = r.gpa, r.size, r.hva
+        if lib.hr_relay_set_memory(self._c, arr, len(regions)) < 0:
+            raise ValueError(f"guest memory has more than {lib.HR_GMEM_MAX_REGIONS} regions")
+        self._mem_generation = gen
+
+    def _sync_memlock(self) -> None:
+        """Tell C how much RLIMIT_MEMLOCK is left, as the kernel will count it.
+
+        Free when the limit does not apply (CAP_IPC_LOCK, infinite limit, or
+        no VFIO endpoint); otherwise reads VmLck so memory the VMM locked
+        itself counts, as type1 counts it (Linux >= 3.x vfio_lock_acct).
+        """
+        limit = self._budget.limit() if self._budget is not None else None
+        if limit is None:
+            lib.hr_relay_set_memlock(self._c, U64_MAX, 0)
+        else:
+            from hostrelay.vfio_backend import locked_bytes
+
+            charged = int(lib.hr_relay_charged(self._c))
+            lib.hr_relay_set_memlock(self._c, limit, max(locked_bytes() - charged, 0))
+
+    def _new_domain(self, domain_id: int, bypass: bool) -> _Domain:
+        dom = _Domain(domain_id, bypass)
+        if lib.hr_relay_domain_add(self._c, domain_id, dom.table.ptr, int(bypass)) < 0:
+            raise MemoryError("hr_relay_domain_add")
+        self._domains[domain_id] = dom
+        return dom
+
+    def _refresh(self, dom: _Domain) -> None:
+        """Recompute a domain's derived state and mirror it into C."""
+        dom.refresh()
+        pairs = [v for r in dom.resv for v in (r.start, r.end)]
+        lib.hr_relay_domain_set_resv(self._c, dom.id, ffi.new("uint64_t[]", pairs or [0]), len(dom.resv))
+        native = [getattr(b, "c") for b in dom.backends if _is_native(b)]
+        custom = len(native) != len(dom.backends)
+        lib.hr_relay_domain_set_custom(self._c, dom.id, int(custom))
+        lib.hr_relay_domain_set_containers(self._c, dom.id, ffi.new("struct hr_container *[]", native or [ffi.NULL]),
+                                           0 if custom else len(native))  # fmt: skip
+
+    def _c_failure(self, res: Any) -> None:
+        """Log a kernel failure the C data plane reported and queue its fault events."""
+        dom = self._domains.get(int(res.domain))
+        what = "MAP" if res.req_type == ReqType.MAP else "UNMAP"
+        native = [b for b in dom.backends if _is_native(b)] if dom is not None else []
+        b = native[res.container] if 0 <= res.container < len(native) else None
+        if res.reason == lib.HR_R_MISMATCH:
+            exc: Exception = DeviceFailure(
+                f"kernel unmapped {int(res.got):#x} bytes of [{int(res.iova):#x}, +{int(res.size):#x}], "
+                "not what the table held; every container and the table now hold none of it"
+            )
+        else:
+            from hostrelay.errors import vfio_error
+
+            exc = vfio_error(int(res.err), f"VFIO_IOMMU_{what}_DMA", iova=int(res.iova), size=int(res.size))
+        if b is not None:
+            self._backend_failed(b, exc, what, int(res.iova), write=True)
+        else:
+            log.warning("%s at %#x failed: %s", what, int(res.iova), exc)
+
     # --- endpoints ------------------------------------------------------------
 
     def add_endpoint(
@@ -508,7 +614,7 @@ class Relay:
             new = backend is None
             if backend is None:
                 if self._budget is None:
-                    self._budget = MemlockBudget()
+                    self._budget = MemlockBudget(relay=self._c)
                 backend = VfioBackend(self.memory, group_id, budget=self._budget,
                                       dev_root=dev_root, sysfs_root=sysfs_root)  # fmt: skip
             try:
@@ -531,6 +637,7 @@ class Relay:
             self._page_size_mask = mask
             self._granule = mask & -mask
             self._input_start, self._input_end = input_range
+            self._configure_c()
             return device
 
     def _host_config(self, backends: Sequence[VfioBackend]) -> tuple[int, tuple[int, int]]:
@@ -736,6 +843,8 @@ class Relay:
         cls = REQUEST_CLASSES.get(req_type)
         if cls is None:
             return b""  # D-08
+        if req_type == ReqType.MAP or req_type == ReqType.UNMAP:
+            return self._map_unmap(readable, writable_len)
         if req_type == ReqType.PROBE:
             if not self._probe:
                 return b""  # D-36
@@ -811,8 +920,7 @@ class Relay:
             # settled by _link (no map-then-unmap of all guest RAM).
             self._detach(ep, sync=False)
         if dom is None:
-            dom = _Domain(req.domain, bypass)
-            self._domains[req.domain] = dom
+            dom = self._new_domain(req.domain, bypass)
         try:
             self._link(ep, dom)
         except BaseException:
@@ -838,7 +946,7 @@ class Relay:
                 raise
         dom.endpoints[ep.id] = ep
         ep.domain = dom
-        dom.refresh()
+        self._refresh(dom)
 
     @staticmethod
     def _replay(b: Backend, dom: _Domain) -> None:
@@ -926,12 +1034,13 @@ class Relay:
         del dom.endpoints[ep.id]
         ep.domain = None
         if dom.endpoints:
-            dom.refresh()
+            self._refresh(dom)
         else:
             self._drop_domain(dom)  # the domain dies with its last endpoint
 
     def _drop_domain(self, dom: _Domain) -> None:
         self._domains.pop(dom.id, None)
+        lib.hr_relay_domain_remove(self._c, dom.id)
         dom.table.clear()
 
     # DETACH (5.13.6.4); reserved is ignored (D-19)
@@ -944,48 +1053,42 @@ class Relay:
             raise InvalidRequest(f"endpoint {ep.id:#x} is not in domain {req.domain}")  # D-21
         self._detach(ep)
 
-    # MAP (5.13.6.5)
-    def _map_req(self, req: MapRequest) -> None:
-        flags = req.flags
-        if flags & ~self._map_flags_mask:
-            raise InvalidRequest(f"unknown MAP flags {flags:#x}")  # D-25 (MUST)
-        self._check_domain_id(req.domain)
-        vs, ve, ps = req.virt_start, req.virt_end, req.phys_start
-        if ve < vs:
-            # G-04 (virt_end > virt_start) relaxed to >= because 5.13.6
-            # explicitly allows 1-byte mappings when bit 0 of the mask is set.
-            raise InvalidRequest("virt_end before virt_start")
-        g = self._granule
-        if vs % g or ps % g or (ve + 1) % g:
-            raise OutOfRange("MAP not aligned on the page granule")  # D-23
-        if vs < self._input_start or ve > self._input_end:
-            raise OutOfRange("MAP outside input_range")  # 5.13.6: "fails"
-        size = ve - vs + 1
-        if ps + size - 1 > U64_MAX:
-            raise OutOfRange("physical range wraps")
-        dom = self._domains.get(req.domain)
-        if dom is None:
-            raise NoEntry(f"no domain {req.domain}")  # D-26
-        if dom.bypass:
-            raise InvalidRequest("MAP on a bypass domain")  # D-27
-        for r in dom.resv:
-            if vs <= r.end and r.start <= ve:
-                raise InvalidRequest(f"MAP overlaps reserved [{r.start:#x}, {r.end:#x}]")  # D-44
-        if not flags & MapFlag.MMIO:
-            # 5.13.6.5: the physical range lies within guest-physical space.
-            # MMIO mappings target device registers, which are not RAM.
-            self.memory.require(ps, size)
+    # MAP (5.13.6.5) and UNMAP (5.13.6.6): checked and executed in C
+    def _map_unmap(self, readable: bytes, writable_len: int) -> bytes:
+        if self.memory.generation != self._mem_generation:
+            self._sync_memory()
+        if self._budget is not None:
+            self._sync_memlock()
+        res = self._c_result
+        n = lib.hr_relay_request(self._c, readable, len(readable), writable_len, self._c_tail, res)
+        if n <= 0:
+            return b""
+        status = int(res.status)
+        if status == lib.HR_S_DEFER:
+            status = self._deferred(readable)
+        elif res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
+            self._c_failure(res)
+        tail = pack_tail(status)
+        return tail if n == TAIL_SIZE else bytes(n - TAIL_SIZE) + tail
+
+    def _deferred(self, readable: bytes) -> int:
+        """A valid MAP/UNMAP (C checked it) for a domain with custom backends."""
+        try:
+            if readable[0] == ReqType.MAP:
+                self._map_custom(MapRequest.unpack(readable[HEAD_SIZE:]))
+            else:
+                self._unmap_custom(UnmapRequest.unpack(readable[HEAD_SIZE:]))
+        except Exception as exc:
+            status = status_for(exc)
+            log.log(logging.WARNING if status == Status.DEVERR else logging.DEBUG,
+                    "request refused (%s): %s", status.name, exc)  # fmt: skip
+            return int(status)
+        return int(Status.OK)
+
+    def _map_custom(self, req: MapRequest) -> None:
+        vs, ve, ps, flags = req.virt_start, req.virt_end, req.phys_start, req.flags
+        dom = self._domains[req.domain]
         table = dom.table
-        if self._max_mappings is not None and len(table) >= self._max_mappings:
-            raise NoResources("mapping limit reached")
-        if not dom.backends:
-            # Emulated only: the C insert checks for overlap itself (D-24,
-            # OverlapError → INVAL), one tree descent fewer on the hot path.
-            table.insert(vs, ve, ps, flags)
-            return
-        if table.overlaps(vs, ve):
-            # Before any backend sees it (VFIO would say EEXIST half-way).
-            raise OverlapError(f"[{vs:#x}, {ve:#x}] overlaps a mapping")  # D-24
         mapping = Mapping(vs, ve, ps, flags)
         current: Backend | None = None
         done: list[Backend] = []
@@ -1019,21 +1122,9 @@ class Relay:
                 self._backend_failed(b, exc, "MAP", vs, write=bool(flags & MapFlag.WRITE))
             raise
 
-    # UNMAP (5.13.6.6)
-    def _unmap_req(self, req: UnmapRequest) -> None:
-        if req.reserved != _ZERO4:
-            # D-29 allows INVAL and leaves performing the UNMAP optional; a
-            # rejected request changes nothing.
-            raise InvalidRequest("UNMAP reserved is not zero")
-        self._check_domain_id(req.domain)
+    def _unmap_custom(self, req: UnmapRequest) -> None:
         vs, ve = req.virt_start, req.virt_end
-        if ve < vs:
-            raise InvalidRequest("virt_end before virt_start")
-        dom = self._domains.get(req.domain)
-        if dom is None:
-            raise NoEntry(f"no domain {req.domain}")  # D-30
-        if dom.bypass:
-            raise InvalidRequest("UNMAP on a bypass domain")  # D-31
+        dom = self._domains[req.domain]
         table = dom.table
         if dom.backends and table.check_range(vs, ve):
             # Straddles were refused by check_range (D-32) before any backend
@@ -1089,6 +1180,95 @@ class Relay:
         # Sizes were checked when the regions were configured; D-37/38/40/41
         # are the codec's job (zero reserved bits, length 20, zero fill).
         return pack_properties(list(ep.resv), self._probe_size) + pack_tail(Status.OK)
+
+    # --- the virtqueues -----------------------------------------------------------
+
+    def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int) -> None:
+        """Place virtqueue ``index`` (0 = requestq, 1 = eventq) in guest memory.
+
+        ``desc``, ``avail`` and ``used`` are the guest-physical addresses the
+        driver wrote to the transport; ``size`` is a power of two <= 32768.
+        Raises :class:`ValueError` if the geometry is invalid or the rings are
+        not inside guest RAM.
+        """
+        if index not in (0, 1):
+            raise ValueError("virtio-iommu has two queues: 0 (requestq) and 1 (eventq)")
+        with self._lock:
+            self._sync_memory()
+            q = _Queue()
+            rc = lib.hr_vq_setup(q.vq, lib.hr_relay_memory(self._c), size, desc, avail, used)
+            if rc < 0:
+                raise ValueError(f"queue {index}: invalid geometry or rings outside guest RAM (errno {-rc})")
+            self._queues[index] = q
+
+    def process_queue(self, index: int = 0) -> int:
+        """Serve every available buffer of queue ``index``; return how many were completed.
+
+        requestq: one C call walks the ring; MAP and UNMAP are parsed, checked,
+        forwarded to every container, recorded and completed without returning
+        to Python; ATTACH, DETACH and PROBE come back here and go through the
+        same code as :meth:`handle_request`.  A malformed chain is completed
+        with used length 0.  Fault records queued meanwhile are then delivered
+        to the eventq if it is set up.  eventq: fills the driver's buffers with
+        pending 24-byte fault records.
+        """
+        with self._lock:
+            q = self._queues.get(index)
+            if q is None:
+                raise ValueError(f"queue {index} is not set up")
+            if index == 1:
+                return self._fill_events(q)
+            self._frozen = True
+            if self.memory.generation != self._mem_generation:
+                self._sync_memory()
+            if self._budget is not None:
+                self._sync_memlock()
+            q.completed[0] = 0
+            while True:
+                q.nerrs[0] = 0
+                rc = lib.hr_relay_process(self._c, q.vq, q.chain, q.completed, q.errs, q.ERRS, q.nerrs)
+                for i in range(q.nerrs[0]):
+                    self._c_failure(q.errs[i])
+                if rc == 1:  # a request for the control plane
+                    self._serve_pending(q)
+                elif rc == 0:
+                    break
+            done = int(q.completed[0])
+            events = self._queues.get(1)
+            if events is not None and self._events:
+                self._fill_events(events)
+            return done
+
+    def _serve_pending(self, q: _Queue) -> None:
+        chain = q.chain
+        n = int(chain.read_len)
+        buf = q.buf if n <= len(q.buf) else ffi.new("uint8_t[]", n)
+        lib.hr_chain_read(chain, buf, n)
+        wlen = int(chain.write_len)
+        try:
+            reply = self._handle(bytes(ffi.buffer(buf, n)), wlen)
+        except Exception:  # as in handle_request: a bug must not take the device down
+            log.exception("internal error handling a request from the ring")
+            reply = bytes(wlen - TAIL_SIZE) + pack_tail(Status.DEVERR) if TAIL_SIZE <= wlen <= MAX_WRITABLE else b""
+        lib.hr_relay_complete(q.vq, chain, reply, len(reply))
+        q.completed[0] += 1
+
+    def _fill_events(self, q: _Queue) -> int:
+        # 5.13.6.9: each event buffer gets one 24-byte fault record; buffers
+        # stay with the device until there is something to report.
+        done = 0
+        while self._events and lib.hr_vq_pending(q.vq):
+            if lib.hr_vq_pop(q.vq, q.chain, ffi.NULL) != 1:
+                lib.hr_vq_push(q.vq, q.chain.head, 0)  # malformed: give it back empty
+                continue
+            record = self._events.popleft()
+            if q.chain.write_len < len(record):
+                lib.hr_vq_push(q.vq, q.chain.head, 0)
+                self._events.appendleft(record)
+                continue
+            lib.hr_relay_complete(q.vq, q.chain, record, len(record))
+            done += 1
+        return done
 
     # --- emulated endpoints ---------------------------------------------------
 

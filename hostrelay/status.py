@@ -10,8 +10,8 @@ and to the requirement numbers D-xx of ``shared/research/virtio_iommu.md``.
 
 from __future__ import annotations
 
-import errno
 
+from hostrelay._native import lib
 from hostrelay._table import OverlapError, StraddleError
 from hostrelay.memory import GuestAddressError
 from hostrelay.protocol import FaultReason, Status
@@ -67,22 +67,9 @@ class TranslationFault(RelayError):
         self.write = write
 
 
-# errno from backends (VFIO ioctls carry it in OSError) → status.  Follows
-# the Linux guest driver's reverse mapping (viommu_get_req_errno) so the guest
-# sees the errno the host saw where one exists; EEXIST is VFIO's overlap.
-_ERRNO_STATUS: dict[int, Status] = {
-    errno.EINVAL: Status.INVAL,
-    errno.EEXIST: Status.INVAL,
-    errno.ERANGE: Status.RANGE,
-    errno.ENOENT: Status.NOENT,
-    errno.ENODEV: Status.NOENT,
-    errno.EFAULT: Status.FAULT,
-    errno.ENOMEM: Status.NOMEM,
-    errno.ENOSPC: Status.NOMEM,
-    errno.ENOSYS: Status.UNSUPP,
-    errno.EOPNOTSUPP: Status.UNSUPP,
-    errno.EBUSY: Status.UNSUPP,
-}
+# errno from backends (VFIO ioctls carry it in OSError) → status: the C data
+# plane's table (hr_status_for_errno in cext/hr_relay.c), so MAP/UNMAP answer
+# the same whichever door a request came through.
 
 # THE table.  First matching class wins, so subclasses come before bases.
 STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
@@ -112,5 +99,5 @@ def status_for(exc: BaseException) -> Status:
         if isinstance(exc, cls):
             return status
     if isinstance(exc, OSError) and exc.errno is not None:
-        return _ERRNO_STATUS.get(exc.errno, Status.DEVERR)
+        return Status(lib.hr_status_for_errno(exc.errno))
     return Status.DEVERR

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hostrelay._native import ffi, lib
 from hostrelay._table import Mapping
 from hostrelay.errors import VfioError
 from hostrelay.memory import GuestMemory
@@ -105,10 +106,28 @@ class MemlockBudget:
     counts it; with CAP_IPC_LOCK or an infinite limit it costs nothing.
     """
 
-    def __init__(self, *, status_path: str = "/proc/self/status") -> None:
+    def __init__(self, *, status_path: str = "/proc/self/status", relay: Any = None) -> None:
         self._status_path = status_path
         self.lock_cap = has_cap_ipc_lock(status_path)
-        self.charged = 0  # bytes charged by this relay's containers, all together
+        # The C data plane (struct hr_relay) keeps the one running total of
+        # what this relay's containers charged; without one, a local count.
+        self.relay = relay
+        self._charged = 0
+
+    @property
+    def charged(self) -> int:
+        """Bytes charged by this relay's containers, all together."""
+        return int(lib.hr_relay_charged(self.relay)) if self.relay is not None else self._charged
+
+    def account(self, container: Any, entries: int, charged: int) -> None:
+        """Record ``entries`` vfio_dma objects and ``charged`` bytes (negative: removed)."""
+        if self.relay is not None:
+            lib.hr_relay_account(self.relay, container, entries, charged)
+            return
+        container.avail -= entries
+        container.entries += entries
+        container.charged += charged
+        self._charged += charged
 
     def refresh(self) -> None:
         """Re-read CAP_IPC_LOCK."""
@@ -226,8 +245,11 @@ class VfioBackend:
         # The container is new, so DMA_AVAIL is the whole per-container budget
         # (copied from dma_entry_limit at VFIO_SET_IOMMU).
         self.entry_limit = self.info.dma_avail if self.info.dma_avail is not None else DEFAULT_DMA_ENTRY_LIMIT
-        self.entries = 0  # live vfio_dma objects this backend created
-        self.charged = 0  # bytes type1 charged to RLIMIT_MEMLOCK for them
+        # The counters live in C (struct hr_container) so the C data plane
+        # checks and updates the same numbers on the hot path.
+        self.c = ffi.new("struct hr_container *")
+        self.c.fd = self.container.fd
+        self.c.avail = self.entry_limit
         self.host_reserved = read_reserved_regions(group_id, sysfs_root)
         self.devices: dict[str, Device] = {}
         self._identity: list[_Piece] | None = None  # None: no identity map
@@ -241,13 +263,23 @@ class VfioBackend:
             self.devices[bdf] = dev
         return dev
 
+    @property
+    def entries(self) -> int:
+        """Live vfio_dma objects this backend created."""
+        return int(self.c.entries)
+
+    @property
+    def charged(self) -> int:
+        """Bytes type1 charged to RLIMIT_MEMLOCK for them."""
+        return int(self.c.charged)
+
     def close(self) -> None:
         """Close devices, group and container (type1 then unpins everything)."""
         self.devices.clear()
         if not self.container.closed:
-            self.budget.charged -= self.charged
-        self.charged = 0
-        self.entries = 0
+            self.budget.account(self.c, -self.entries, -self.charged)
+        self.c.identity_bytes = 0
+        self.c.fd = -1
         self._identity = None
         self.container.close()
 
@@ -317,9 +349,7 @@ class VfioBackend:
         self._account(len(pieces), sum(p.size for p in pieces))
 
     def _account(self, entries: int, charged: int) -> None:
-        self.entries += entries
-        self.charged += charged
-        self.budget.charged += charged
+        self.budget.account(self.c, entries, charged)
 
     def unmap(self, mappings: Sequence[Mapping]) -> None:
         """Remove exactly ``mappings``: one ``VFIO_IOMMU_UNMAP_DMA`` per contiguous run.
@@ -411,6 +441,7 @@ class VfioBackend:
             self.budget.check(sum(p.size for p in pieces))
             self._map_pieces(pieces, read=True, write=True)
             self._identity = pieces
+            self.c.identity_bytes = sum(p.size for p in pieces)
             return
         pieces = self._identity or []
         for i, p in enumerate(pieces):
@@ -423,6 +454,18 @@ class VfioBackend:
             if got != p.size:
                 log.error("group %d: identity UNMAP of %#x+%#x removed %#x bytes", self.group_id, p.iova, p.size, got)
         self._identity = None
+        self.c.identity_bytes = 0
+
+    # -- testing -------------------------------------------------------------------
+    def inject_failure(self, *, map_errno: int = 0, map_after: int = 0, unmap_errno: int = 0) -> None:
+        """Make the C data plane's next MAP ioctl (after ``map_after`` good ones)
+        or next guest-UNMAP ioctl on this container fail with that errno, once.
+
+        For tests of rollback across containers; the kernel is not involved.
+        """
+        self.c.fail_errno = map_errno
+        self.c.fail_after = map_after
+        self.c.fail_unmap_errno = unmap_errno
 
     # -- inspection ----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -441,8 +484,7 @@ class VfioBackend:
         For inspection and teardown: the relay's tables are not told.
         """
         got = self.container.unmap_all()
-        self.budget.charged -= self.charged
-        self.entries = 0
-        self.charged = 0
+        self.budget.account(self.c, -self.entries, -self.charged)
+        self.c.identity_bytes = 0
         self._identity = None
         return got

@@ -1,0 +1,724 @@
+/* See hr_relay.h.  Spec references are to OASIS virtio v1.2+ §5.13; kernel
+ * behaviour is that of vfio_iommu_type1 (type1v2) as of Linux 6.12. */
+#include "hr_relay.h"
+#include "hr_vfio.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HR_MAX_WRITABLE (1u << 20) /* as relay.MAX_WRITABLE */
+#define HR_MAP_REQ_SIZE 36         /* head + struct virtio_iommu_req_map body */
+#define HR_UNMAP_REQ_SIZE 28
+
+struct hr_domain {
+	uint32_t id;
+	uint32_t bypass;
+	uint32_t custom; /* has a backend only Python can drive: checks here, fan-out there */
+	hr_table *table;
+	uint32_t nresv;
+	uint32_t ncont;
+	uint64_t (*resv)[2];          /* inclusive [start, end] pairs */
+	struct hr_container **cont;
+};
+
+struct hr_relay {
+	struct hr_gmem mem;
+	uint64_t granule, input_start, input_end, max_mappings;
+	uint32_t domain_start, domain_end, map_flags_mask;
+	uint64_t memlock_limit, memlock_baseline, charged;
+	uint32_t ndom, capdom;
+	struct hr_domain *dom; /* sorted by id */
+};
+
+/* ---------------------------------------------------------------- helpers */
+
+/* The one errno -> status table (Relay's status_for uses it for OSError).
+ * Follows the Linux guest driver's reverse mapping (viommu_get_req_errno)
+ * so the guest sees the errno the host saw where one exists. */
+int hr_status_for_errno(int err)
+{
+	switch (err) {
+	case EINVAL:
+	case EEXIST: /* type1's overlap */
+		return HR_S_INVAL;
+	case ERANGE:
+		return HR_S_RANGE;
+	case ENOENT:
+	case ENODEV:
+		return HR_S_NOENT;
+	case EFAULT:
+		return HR_S_FAULT;
+	case ENOMEM: /* RLIMIT_MEMLOCK */
+	case ENOSPC: /* dma_entry_limit */
+		return HR_S_NOMEM;
+	case ENOSYS:
+	case EOPNOTSUPP:
+	case EBUSY:
+		return HR_S_UNSUPP;
+	default:
+		return HR_S_DEVERR;
+	}
+}
+
+static int refuse(struct hr_result *res, int status, int reason)
+{
+	res->status = status;
+	res->reason = reason;
+	return status;
+}
+
+static int kernel_failed(struct hr_result *res, int err, int container)
+{
+	res->err = err;
+	res->container = container;
+	return refuse(res, hr_status_for_errno(err), HR_R_KERNEL);
+}
+
+static void result_init(struct hr_result *res, uint32_t type, uint32_t domain, uint64_t vs, uint64_t ve)
+{
+	memset(res, 0, sizeof(*res));
+	res->container = -1;
+	res->req_type = type;
+	res->domain = domain;
+	res->iova = vs;
+	res->size = ve - vs + 1; /* 0 means 2^64 */
+}
+
+static struct hr_domain *find(const hr_relay *r, uint32_t id, uint32_t *pos)
+{
+	uint32_t lo = 0, hi = r->ndom;
+
+	while (lo < hi) {
+		uint32_t mid = (lo + hi) / 2;
+		if (r->dom[mid].id < id)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (pos)
+		*pos = lo;
+	return lo < r->ndom && r->dom[lo].id == id ? &r->dom[lo] : NULL;
+}
+
+/* Walk [gpa, gpa+size) through guest RAM: the host address and length of
+ * the piece at gpa, or 0 if gpa is not RAM.  A MAP spanning two regions
+ * (two memfds) is two host ranges, so two VFIO mappings. */
+static uint64_t piece(const struct hr_gmem *m, uint64_t gpa, uint64_t size, uint64_t *hva)
+{
+	for (uint32_t lo = 0, hi = m->n; lo < hi;) {
+		uint32_t mid = (lo + hi) / 2;
+		const struct hr_gmem_region *g = &m->r[mid];
+		if (gpa < g->gpa) {
+			hi = mid;
+		} else if (gpa - g->gpa >= g->size) {
+			lo = mid + 1;
+		} else {
+			uint64_t left = g->size - (gpa - g->gpa);
+			*hva = g->hva + (gpa - g->gpa);
+			return size < left ? size : left;
+		}
+	}
+	return 0;
+}
+
+/* Number of pieces of [gpa, gpa+size) (size > 0), or 0 if any byte is not RAM. */
+static uint64_t count_pieces(const struct hr_gmem *m, uint64_t gpa, uint64_t size)
+{
+	uint64_t n = 0, hva;
+
+	while (size) {
+		uint64_t len = piece(m, gpa, size, &hva);
+		if (!len)
+			return 0;
+		n++;
+		gpa += len;
+		size -= len;
+	}
+	return n;
+}
+
+static int has_perm(uint32_t flags)
+{
+	return flags & (HR_MAP_F_READ | HR_MAP_F_WRITE);
+}
+
+static uint32_t vfio_flags(uint32_t flags)
+{
+	return (flags & HR_MAP_F_READ ? VFIO_DMA_MAP_FLAG_READ : 0) |
+	       (flags & HR_MAP_F_WRITE ? VFIO_DMA_MAP_FLAG_WRITE : 0);
+}
+
+static int c_map(struct hr_container *c, uint64_t iova, uint64_t size, uint64_t hva, uint32_t vf)
+{
+	if (c->fail_errno) {
+		if (c->fail_after == 0) {
+			int err = c->fail_errno;
+			c->fail_errno = 0;
+			return -err;
+		}
+		c->fail_after--;
+	}
+	return hr_vfio_map_dma(c->fd, vf, hva, iova, size);
+}
+
+/* Map [iova, iova+size) -> guest [gpa, ...) piece by piece into one
+ * container; all or nothing.  Returns 0 or -errno. */
+static int map_pieces(const hr_relay *r, struct hr_container *c, uint64_t iova, uint64_t gpa,
+		      uint64_t size, uint32_t vf)
+{
+	uint64_t done = 0, hva;
+
+	while (done < size) {
+		uint64_t len = piece(&r->mem, gpa + done, size - done, &hva);
+		int rc = len ? c_map(c, iova + done, len, hva, vf) : -EFAULT;
+		if (rc < 0) {
+			uint64_t unmapped;
+			if (done)
+				hr_vfio_unmap_dma(c->fd, 0, iova, done, &unmapped);
+			return rc;
+		}
+		done += len;
+	}
+	return 0;
+}
+
+static void account_map(hr_relay *r, struct hr_container *c, uint64_t pieces, uint64_t bytes)
+{
+	c->avail -= (uint32_t)pieces;
+	c->entries += pieces;
+	c->charged += bytes;
+	r->charged += bytes;
+}
+
+static void account_unmap(hr_relay *r, struct hr_container *c, uint64_t pieces, uint64_t bytes)
+{
+	c->avail += (uint32_t)pieces;
+	c->entries -= pieces;
+	c->charged -= bytes;
+	r->charged -= bytes;
+}
+
+/* type1 charges every vfio_dma's pages to the process's locked_vm (Linux
+ * >= 3.x vfio_lock_acct), once per container and per mapping; the check is
+ * against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. */
+static int memlock_ok(const hr_relay *r, uint64_t more)
+{
+	if (r->memlock_limit == UINT64_MAX)
+		return 1;
+	uint64_t used = r->memlock_baseline + r->charged;
+	return used <= r->memlock_limit && more <= r->memlock_limit - used;
+}
+
+/* --------------------------------------------------------- configuration */
+
+hr_relay *hr_relay_new(void)
+{
+	hr_relay *r = calloc(1, sizeof(*r));
+
+	if (!r)
+		return NULL;
+	r->granule = 4096;
+	r->input_end = UINT64_MAX;
+	r->domain_end = UINT32_MAX;
+	r->map_flags_mask = HR_MAP_F_READ | HR_MAP_F_WRITE | HR_MAP_F_MMIO;
+	r->memlock_limit = UINT64_MAX;
+	return r;
+}
+
+void hr_relay_free(hr_relay *r)
+{
+	if (!r)
+		return;
+	for (uint32_t i = 0; i < r->ndom; i++) {
+		free(r->dom[i].resv);
+		free(r->dom[i].cont);
+	}
+	free(r->dom);
+	free(r);
+}
+
+int hr_relay_set_memory(hr_relay *r, const struct hr_gmem_region *regions, uint32_t n)
+{
+	return hr_gmem_set(&r->mem, regions, n);
+}
+
+const struct hr_gmem *hr_relay_memory(const hr_relay *r)
+{
+	return &r->mem;
+}
+
+void hr_relay_configure(hr_relay *r, uint64_t granule, uint64_t input_start, uint64_t input_end,
+			uint32_t domain_start, uint32_t domain_end, uint32_t map_flags_mask,
+			uint64_t max_mappings)
+{
+	r->granule = granule ? granule : 1;
+	r->input_start = input_start;
+	r->input_end = input_end;
+	r->domain_start = domain_start;
+	r->domain_end = domain_end;
+	r->map_flags_mask = map_flags_mask;
+	r->max_mappings = max_mappings;
+}
+
+void hr_relay_set_memlock(hr_relay *r, uint64_t limit, uint64_t baseline)
+{
+	r->memlock_limit = limit;
+	r->memlock_baseline = baseline;
+}
+
+uint64_t hr_relay_charged(const hr_relay *r)
+{
+	return r->charged;
+}
+
+int hr_relay_domain_add(hr_relay *r, uint32_t id, hr_table *table, int bypass)
+{
+	uint32_t pos;
+
+	if (find(r, id, &pos))
+		return -EEXIST;
+	if (r->ndom == r->capdom) {
+		uint32_t cap = r->capdom ? 2 * r->capdom : 16;
+		struct hr_domain *d = realloc(r->dom, cap * sizeof(*d));
+		if (!d)
+			return -ENOMEM;
+		r->dom = d;
+		r->capdom = cap;
+	}
+	memmove(&r->dom[pos + 1], &r->dom[pos], (r->ndom - pos) * sizeof(*r->dom));
+	r->dom[pos] = (struct hr_domain){ .id = id, .bypass = !!bypass, .table = table };
+	r->ndom++;
+	return 0;
+}
+
+int hr_relay_domain_remove(hr_relay *r, uint32_t id)
+{
+	uint32_t pos;
+	struct hr_domain *d = find(r, id, &pos);
+
+	if (!d)
+		return -ENOENT;
+	free(d->resv);
+	free(d->cont);
+	memmove(&r->dom[pos], &r->dom[pos + 1], (r->ndom - pos - 1) * sizeof(*r->dom));
+	r->ndom--;
+	return 0;
+}
+
+int hr_relay_domain_set_resv(hr_relay *r, uint32_t id, const uint64_t *pairs, uint32_t n)
+{
+	struct hr_domain *d = find(r, id, NULL);
+	uint64_t (*resv)[2] = NULL;
+
+	if (!d)
+		return -ENOENT;
+	if (n) {
+		resv = malloc(n * sizeof(*resv));
+		if (!resv)
+			return -ENOMEM;
+		memcpy(resv, pairs, n * sizeof(*resv));
+	}
+	free(d->resv);
+	d->resv = resv;
+	d->nresv = n;
+	return 0;
+}
+
+int hr_relay_domain_set_custom(hr_relay *r, uint32_t id, int custom)
+{
+	struct hr_domain *d = find(r, id, NULL);
+
+	if (!d)
+		return -ENOENT;
+	d->custom = !!custom;
+	return 0;
+}
+
+int hr_relay_domain_set_containers(hr_relay *r, uint32_t id, struct hr_container *const *c, uint32_t n)
+{
+	struct hr_domain *d = find(r, id, NULL);
+	struct hr_container **cont = NULL;
+
+	if (!d)
+		return -ENOENT;
+	if (n) {
+		cont = malloc(n * sizeof(*cont));
+		if (!cont)
+			return -ENOMEM;
+		memcpy(cont, c, n * sizeof(*cont));
+	}
+	free(d->cont);
+	d->cont = cont;
+	d->ncont = n;
+	return 0;
+}
+
+/* -------------------------------------------------------------------- MAP */
+
+int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_t ps,
+		 uint32_t flags, struct hr_result *res)
+{
+	result_init(res, HR_T_MAP, domain, vs, ve);
+	if (flags & ~r->map_flags_mask)
+		return refuse(res, HR_S_INVAL, HR_R_FLAGS); /* §5.13.6.5 MUST (D-25) */
+	if (domain < r->domain_start || domain > r->domain_end)
+		return refuse(res, HR_S_RANGE, HR_R_DOMAIN_RANGE);
+	if (ve < vs)
+		return refuse(res, HR_S_INVAL, HR_R_ORDER);
+	uint64_t g = r->granule;
+	if (vs % g || ps % g || (ve + 1) % g) /* ve + 1 wraps to 0 at the top: aligned */
+		return refuse(res, HR_S_RANGE, HR_R_ALIGN); /* D-23 */
+	if (vs < r->input_start || ve > r->input_end)
+		return refuse(res, HR_S_RANGE, HR_R_INPUT_RANGE);
+	uint64_t last = ve - vs;
+	if (ps + last < ps)
+		return refuse(res, HR_S_RANGE, HR_R_PHYS_WRAP);
+	struct hr_domain *d = find(r, domain, NULL);
+	if (!d)
+		return refuse(res, HR_S_NOENT, HR_R_NO_DOMAIN); /* D-26 */
+	if (d->bypass)
+		return refuse(res, HR_S_INVAL, HR_R_BYPASS); /* D-27 */
+	for (uint32_t i = 0; i < d->nresv; i++)
+		if (vs <= d->resv[i][1] && d->resv[i][0] <= ve)
+			return refuse(res, HR_S_INVAL, HR_R_RESERVED); /* D-44 */
+	uint64_t pieces = 0;
+	if (!(flags & HR_MAP_F_MMIO)) {
+		/* §5.13.6.5: the physical range lies in guest-physical space. */
+		if (last == UINT64_MAX || !(pieces = count_pieces(&r->mem, ps, last + 1)))
+			return refuse(res, HR_S_FAULT, HR_R_NOT_RAM);
+	} else if (d->ncont) {
+		/* Guest MMIO has no host address VFIO could pin. */
+		return refuse(res, HR_S_UNSUPP, HR_R_MMIO_VFIO);
+	}
+	if (r->max_mappings && hr_table_count(d->table) >= r->max_mappings)
+		return refuse(res, HR_S_NOMEM, HR_R_LIMIT);
+	if (d->custom) {
+		if (hr_table_overlaps(d->table, vs, ve))
+			return refuse(res, HR_S_INVAL, HR_R_OVERLAP);
+		return refuse(res, HR_S_DEFER, HR_R_NONE); /* valid: the caller fans out, then inserts */
+	}
+	if (!d->ncont || !has_perm(flags)) {
+		/* Emulated only (or a mapping that grants no access, which VFIO
+		 * cannot express and need not: no access is no mapping). */
+		int rc = hr_table_insert(d->table, vs, ve, ps, flags);
+		if (rc == -EEXIST)
+			return refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* D-24 */
+		if (rc < 0)
+			return refuse(res, HR_S_NOMEM, HR_R_LIMIT);
+		return HR_S_OK;
+	}
+	if (hr_table_overlaps(d->table, vs, ve))
+		return refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* before VFIO says EEXIST half-way */
+	uint64_t size = last + 1;
+	/* Limits before any ioctl, so nothing is half done when one trips. */
+	for (uint32_t i = 0; i < d->ncont; i++) {
+		if (d->cont[i]->avail < pieces) {
+			res->container = (int32_t)i;
+			return refuse(res, HR_S_NOMEM, HR_R_ENTRIES);
+		}
+	}
+	if (!memlock_ok(r, size * d->ncont))
+		return refuse(res, HR_S_NOMEM, HR_R_MEMLOCK);
+	uint32_t vf = vfio_flags(flags);
+	for (uint32_t i = 0; i < d->ncont; i++) {
+		int rc = map_pieces(r, d->cont[i], vs, ps, size, vf);
+		if (rc < 0) {
+			/* Undo the containers already done: all agree again. */
+			for (uint32_t j = 0; j < i; j++) {
+				uint64_t unmapped;
+				hr_vfio_unmap_dma(d->cont[j]->fd, 0, vs, size, &unmapped);
+			}
+			return kernel_failed(res, -rc, (int32_t)i);
+		}
+	}
+	for (uint32_t i = 0; i < d->ncont; i++)
+		account_map(r, d->cont[i], pieces, size);
+	if (hr_table_insert(d->table, vs, ve, ps, flags) < 0) {
+		for (uint32_t i = 0; i < d->ncont; i++) {
+			uint64_t unmapped;
+			hr_vfio_unmap_dma(d->cont[i]->fd, 0, vs, size, &unmapped);
+			account_unmap(r, d->cont[i], pieces, size);
+		}
+		return refuse(res, HR_S_NOMEM, HR_R_LIMIT);
+	}
+	return HR_S_OK;
+}
+
+/* ------------------------------------------------------------------ UNMAP */
+
+/* What the covered mappings of [vs, ve] are in the containers: total bytes,
+ * VFIO entries, and the extent one unmap ioctl must cover. */
+struct cover {
+	uint64_t bytes, pieces, first, last;
+	int any;
+};
+
+static void covered(const hr_relay *r, const hr_table *t, uint64_t vs, uint64_t ve, struct cover *cv)
+{
+	struct hr_mapping m;
+	uint64_t from = vs;
+
+	memset(cv, 0, sizeof(*cv));
+	while (hr_table_next(t, from, &m) && m.start <= ve) {
+		if (has_perm(m.flags) && !(m.flags & HR_MAP_F_MMIO)) {
+			if (!cv->any)
+				cv->first = m.start;
+			cv->any = 1;
+			cv->last = m.end;
+			cv->bytes += m.end - m.start + 1;
+			cv->pieces += count_pieces(&r->mem, m.phys, m.end - m.start + 1);
+		}
+		if (m.end == UINT64_MAX)
+			break;
+		from = m.end + 1;
+	}
+}
+
+/* Re-map the covered mappings of [vs, ve] into c (UNMAP rollback). */
+static void remap_covered(const hr_relay *r, struct hr_container *c, const hr_table *t, uint64_t vs,
+			  uint64_t ve)
+{
+	struct hr_mapping m;
+	uint64_t from = vs;
+
+	while (hr_table_next(t, from, &m) && m.start <= ve) {
+		if (has_perm(m.flags) && !(m.flags & HR_MAP_F_MMIO))
+			map_pieces(r, c, m.start, m.phys, m.end - m.start + 1, vfio_flags(m.flags));
+		if (m.end == UINT64_MAX)
+			break;
+		from = m.end + 1;
+	}
+}
+
+int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struct hr_result *res)
+{
+	result_init(res, HR_T_UNMAP, domain, vs, ve);
+	if (domain < r->domain_start || domain > r->domain_end)
+		return refuse(res, HR_S_RANGE, HR_R_DOMAIN_RANGE);
+	if (ve < vs)
+		return refuse(res, HR_S_INVAL, HR_R_ORDER);
+	struct hr_domain *d = find(r, domain, NULL);
+	if (!d)
+		return refuse(res, HR_S_NOENT, HR_R_NO_DOMAIN); /* D-30 */
+	if (d->bypass)
+		return refuse(res, HR_S_INVAL, HR_R_BYPASS); /* D-31 */
+	/* Atomic: a straddled mapping refuses the whole UNMAP (D-32) before
+	 * any container is touched; holes are fine (D-33). */
+	int64_t n = hr_table_check_range(d->table, vs, ve);
+	if (n < 0)
+		return refuse(res, HR_S_RANGE, HR_R_STRADDLE);
+	if (d->custom)
+		return refuse(res, HR_S_DEFER, HR_R_NONE); /* valid: the caller fans out, then removes */
+	int mismatch = 0;
+	if (n > 0 && d->ncont) {
+		struct cover cv;
+		covered(r, d->table, vs, ve, &cv);
+		for (uint32_t i = 0; cv.any && i < d->ncont; i++) {
+			struct hr_container *c = d->cont[i];
+			uint64_t got = 0;
+			/* One ioctl for the whole run: type1v2 removes every
+			 * vfio_dma inside it and reports the bytes it removed. */
+			int rc;
+			if (c->fail_unmap_errno) {
+				rc = -c->fail_unmap_errno;
+				c->fail_unmap_errno = 0;
+			} else {
+				rc = hr_vfio_unmap_dma(c->fd, 0, cv.first, cv.last - cv.first + 1, &got);
+			}
+			if (rc < 0) {
+				for (uint32_t j = 0; j < i; j++) {
+					remap_covered(r, d->cont[j], d->table, vs, ve);
+					account_map(r, d->cont[j], cv.pieces, cv.bytes);
+				}
+				return kernel_failed(res, -rc, (int32_t)i);
+			}
+			account_unmap(r, c, cv.pieces, cv.bytes);
+			if (got != cv.bytes && !mismatch) {
+				/* The kernel held something else than the table:
+				 * converge on "unmapped" everywhere, then report. */
+				mismatch = 1;
+				res->container = (int32_t)i;
+				res->got = got;
+			}
+		}
+	}
+	hr_table_remove_range(d->table, vs, ve);
+	if (mismatch) {
+		res->size = ve - vs + 1;
+		return refuse(res, HR_S_DEVERR, HR_R_MISMATCH);
+	}
+	return HR_S_OK;
+}
+
+/* ------------------------------------------------------------ accounting */
+
+void hr_relay_account(hr_relay *r, struct hr_container *c, int64_t pieces, int64_t bytes)
+{
+	/* For mappings the control plane makes itself (ATTACH replay, DETACH,
+	 * bypass identity maps), so one set of counters holds everything. */
+	if (pieces >= 0)
+		account_map(r, c, (uint64_t)pieces, (uint64_t)bytes);
+	else
+		account_unmap(r, c, (uint64_t)-pieces, (uint64_t)-bytes);
+}
+
+/* ---------------------------------------------------------------- framing */
+
+static uint32_t le32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return v; /* little-endian host (hr_vq.h) */
+}
+
+static uint64_t le64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return v;
+}
+
+int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen, uint8_t *tail,
+			 struct hr_result *res)
+{
+	if (rlen < 1 || (req[0] != HR_T_MAP && req[0] != HR_T_UNMAP))
+		return -1; /* the control plane's (Python) request */
+	result_init(res, req[0], 0, 0, 0);
+	if (rlen < 4 || wlen < 4 || wlen > HR_MAX_WRITABLE)
+		return 0; /* no place for a tail: used length 0 */
+	memset(tail, 0, 4);
+	/* The writable part of MAP/UNMAP is the tail alone and the readable
+	 * part exactly head + body: any other split is refused undecoded. */
+	uint64_t want = req[0] == HR_T_MAP ? HR_MAP_REQ_SIZE : HR_UNMAP_REQ_SIZE;
+	if (rlen != want || wlen != 4) {
+		tail[0] = (uint8_t)refuse(res, HR_S_INVAL, HR_R_FRAMING);
+		return (int64_t)wlen;
+	}
+	const uint8_t *b = req + 4; /* head.reserved ignored (D-09) */
+	uint32_t domain = le32(b);
+	int status;
+	if (req[0] == HR_T_MAP) {
+		status = hr_relay_map(r, domain, le64(b + 4), le64(b + 12), le64(b + 20), le32(b + 28), res);
+	} else if (le32(b + 20)) {
+		/* D-29: INVAL; a rejected request changes nothing. */
+		result_init(res, HR_T_UNMAP, domain, le64(b + 4), le64(b + 12));
+		status = refuse(res, HR_S_INVAL, HR_R_RESERVED_FIELD);
+	} else {
+		status = hr_relay_unmap(r, domain, le64(b + 4), le64(b + 12), res);
+	}
+	tail[0] = (uint8_t)status;
+	return 4;
+}
+
+/* Write len bytes of reply into the chain's writable part and complete it. */
+void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply, uint64_t len)
+{
+	hr_chain_write(c, reply, len);
+	hr_vq_push(vq, c->head, (uint32_t)len);
+}
+
+/* Zeros then a 4-byte tail, at the end of a writable part of n bytes. */
+static void put_reply(const struct hr_chain *c, uint64_t n, const uint8_t *tail)
+{
+	uint64_t pos = 0;
+
+	for (uint32_t i = 0; i < c->nwrite && pos < n; i++) {
+		uint8_t *dst = (uint8_t *)(uintptr_t)c->wr[i].hva;
+		for (uint32_t k = 0; k < c->wr[i].len && pos < n; k++, pos++)
+			dst[k] = pos + 4 >= n ? tail[pos - (n - 4)] : 0;
+	}
+}
+
+int hr_relay_process(hr_relay *r, struct hr_vq *vq, struct hr_chain *pending, uint32_t *completed,
+		     struct hr_result *errs, uint32_t errs_cap, uint32_t *nerrs)
+{
+	uint8_t buf[64], tail[4];
+	struct hr_result res;
+	int why;
+
+	for (;;) {
+		if (*nerrs >= errs_cap)
+			return 2; /* the caller drains the failures, then calls again */
+		int rc = hr_vq_pop(vq, pending, &why);
+		if (rc == 0)
+			return 0;
+		if (rc < 0) {
+			/* Malformed chain: complete it with used length 0. */
+			hr_vq_push(vq, pending->head, 0);
+			(*completed)++;
+			continue;
+		}
+		uint64_t n = hr_chain_read(pending, buf, sizeof(buf));
+		int64_t reply = hr_relay_request(r, buf, pending->read_len, pending->write_len, tail, &res);
+		if (reply < 0)
+			return 1; /* ATTACH, DETACH, PROBE, unknown: the caller's */
+		(void)n;
+		if (reply > 0)
+			put_reply(pending, (uint64_t)reply, tail);
+		hr_vq_push(vq, pending->head, (uint32_t)reply);
+		(*completed)++;
+		if (res.reason == HR_R_KERNEL || res.reason == HR_R_MISMATCH)
+			errs[(*nerrs)++] = res;
+	}
+}
+
+/* ------------------------------------------------------------- statistics */
+
+struct range {
+	uint64_t start, last;
+};
+
+static int cmp_range(const void *a, const void *b)
+{
+	const struct range *x = a, *y = b;
+	return x->start < y->start ? -1 : x->start > y->start;
+}
+
+/* Guest bytes pinned at least once (each page counted once however many
+ * IOVAs or containers map it): domain >= 0 for one domain, -1 for all. */
+uint64_t hr_relay_unique_pinned(const hr_relay *r, int64_t domain)
+{
+	uint64_t n = 0, total = 0;
+
+	for (uint32_t i = 0; i < r->ndom; i++)
+		if ((domain < 0 || r->dom[i].id == (uint64_t)domain) && r->dom[i].ncont)
+			n += hr_table_count(r->dom[i].table);
+	if (!n)
+		return 0;
+	struct range *v = malloc(n * sizeof(*v));
+	if (!v)
+		return UINT64_MAX;
+	uint64_t k = 0;
+	for (uint32_t i = 0; i < r->ndom; i++) {
+		const struct hr_domain *d = &r->dom[i];
+		if ((domain >= 0 && d->id != (uint64_t)domain) || !d->ncont)
+			continue;
+		struct hr_mapping m;
+		uint64_t from = 0;
+		while (k < n && hr_table_next(d->table, from, &m)) {
+			if (has_perm(m.flags) && !(m.flags & HR_MAP_F_MMIO))
+				v[k++] = (struct range){ m.phys, m.phys + (m.end - m.start) };
+			if (m.end == UINT64_MAX)
+				break;
+			from = m.end + 1;
+		}
+	}
+	qsort(v, k, sizeof(*v), cmp_range);
+	for (uint64_t i = 0, cur_s = 0, cur_l = 0, open = 0; i <= k; i++) {
+		if (i < k && open && v[i].start <= cur_l + 1 && cur_l != UINT64_MAX) {
+			if (v[i].last > cur_l)
+				cur_l = v[i].last;
+			continue;
+		}
+		if (open)
+			total += cur_l - cur_s + 1;
+		if (i < k) {
+			cur_s = v[i].start;
+			cur_l = v[i].last;
+			open = 1;
+		}
+	}
+	free(v);
+	return total;
+}

@@ -1,0 +1,105 @@
+/* hostrelay: the MAP/UNMAP data plane of the virtio-iommu device.
+ *
+ * One implementation of MAP and UNMAP (virtio 1.2+ §5.13.6.5/5.13.6.6) used
+ * by both front doors: Relay.handle_request (one C call per request) and the
+ * request virtqueue walked here in C (hr_relay_process), so a burst of
+ * MAP/UNMAP costs one Python->C transition.  The Python side owns the control
+ * plane (endpoints, ATTACH/DETACH/PROBE, config) and mirrors the domains it
+ * creates into this registry.
+ *
+ * Each domain fans MAP/UNMAP out to the VFIO containers of its endpoints
+ * (one container per VFIO group; type1v2).  Limits are checked before any
+ * ioctl; a failure part-way is rolled back so every container and the table
+ * agree; kernel failures are reported in struct hr_result for the Python
+ * side to log and turn into fault events.  No policy, no logging here.
+ */
+#ifndef HR_RELAY_H
+#define HR_RELAY_H
+
+#include <stdint.h>
+
+#include "hr_table.h"
+#include "hr_vq.h"
+
+/* VIRTIO_IOMMU_S_* (§5.13.6) and request types (§5.13.6.1). */
+enum hr_status {
+	HR_S_OK = 0, HR_S_IOERR = 1, HR_S_UNSUPP = 2, HR_S_DEVERR = 3, HR_S_INVAL = 4,
+	HR_S_RANGE = 5, HR_S_NOENT = 6, HR_S_FAULT = 7, HR_S_NOMEM = 8,
+	/* Not a wire status: the request is valid and the domain's backends
+	 * are the caller's to drive (hr_relay_domain_set_custom). */
+	HR_S_DEFER = 0x100,
+};
+enum { HR_T_ATTACH = 1, HR_T_DETACH = 2, HR_T_MAP = 3, HR_T_UNMAP = 4, HR_T_PROBE = 5 };
+enum { HR_MAP_F_READ = 1, HR_MAP_F_WRITE = 2, HR_MAP_F_MMIO = 4 };
+
+/* Which check refused a request (for logs and tests). */
+enum hr_reason {
+	HR_R_NONE = 0, HR_R_FRAMING, HR_R_FLAGS, HR_R_RESERVED_FIELD, HR_R_DOMAIN_RANGE,
+	HR_R_ORDER, HR_R_ALIGN, HR_R_INPUT_RANGE, HR_R_PHYS_WRAP, HR_R_NO_DOMAIN, HR_R_BYPASS,
+	HR_R_RESERVED, HR_R_NOT_RAM, HR_R_MMIO_VFIO, HR_R_LIMIT, HR_R_OVERLAP, HR_R_STRADDLE,
+	HR_R_ENTRIES, HR_R_MEMLOCK, HR_R_KERNEL, HR_R_MISMATCH,
+};
+
+struct hr_result {
+	int32_t status;    /* enum hr_status */
+	int32_t reason;    /* enum hr_reason */
+	int32_t err;       /* errno of the failed kernel call, else 0 */
+	int32_t container; /* index in the domain's container list that failed, else -1 */
+	uint32_t domain;
+	uint32_t req_type;
+	uint64_t iova;     /* start of the range involved */
+	uint64_t size;     /* its size (0 = the whole 64-bit space) */
+	uint64_t got;      /* UNMAP mismatch: bytes the kernel reported */
+};
+
+/* One VFIO container (one group).  Counters are what the relay predicts the
+ * kernel holds; tests compare them with the kernel's own view. */
+struct hr_container {
+	int32_t fd;
+	uint32_t avail;          /* vfio_dma entries left (DMA_AVAIL, tracked) */
+	uint64_t entries;        /* vfio_dma entries the relay created */
+	uint64_t charged;        /* bytes type1 charged to locked_vm for them */
+	uint64_t identity_bytes; /* of which the bypass identity map */
+	/* Fault injection for tests: the (fail_after + 1)-th next MAP ioctl on
+	 * this container fails with fail_errno, the next UNMAP ioctl of a guest
+	 * UNMAP with fail_unmap_errno (0 = off; each fires once). */
+	int32_t fail_errno;
+	uint32_t fail_after;
+	int32_t fail_unmap_errno;
+};
+
+typedef struct hr_relay hr_relay;
+
+hr_relay *hr_relay_new(void);
+void hr_relay_free(hr_relay *r);
+int hr_relay_set_memory(hr_relay *r, const struct hr_gmem_region *regions, uint32_t n);
+const struct hr_gmem *hr_relay_memory(const hr_relay *r);
+void hr_relay_configure(hr_relay *r, uint64_t granule, uint64_t input_start, uint64_t input_end,
+                        uint32_t domain_start, uint32_t domain_end, uint32_t map_flags_mask,
+                        uint64_t max_mappings);
+void hr_relay_set_memlock(hr_relay *r, uint64_t limit, uint64_t baseline);
+uint64_t hr_relay_charged(const hr_relay *r);
+
+int hr_relay_domain_add(hr_relay *r, uint32_t id, hr_table *table, int bypass);
+int hr_relay_domain_remove(hr_relay *r, uint32_t id);
+int hr_relay_domain_set_resv(hr_relay *r, uint32_t id, const uint64_t *pairs, uint32_t n);
+void hr_relay_account(hr_relay *r, struct hr_container *c, int64_t pieces, int64_t bytes);
+int hr_relay_domain_set_custom(hr_relay *r, uint32_t id, int custom);
+int hr_relay_domain_set_containers(hr_relay *r, uint32_t id, struct hr_container *const *c,
+                                   uint32_t n);
+
+int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_t ps,
+                 uint32_t flags, struct hr_result *res);
+int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struct hr_result *res);
+
+int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen,
+                         uint8_t *out, struct hr_result *res);
+int hr_relay_process(hr_relay *r, struct hr_vq *vq, struct hr_chain *pending, uint32_t *completed,
+                     struct hr_result *errs, uint32_t errs_cap, uint32_t *nerrs);
+void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply,
+                       uint64_t len);
+
+uint64_t hr_relay_unique_pinned(const hr_relay *r, int64_t domain);
+int hr_status_for_errno(int err);
+
+#endif
