@@ -651,8 +651,8 @@ int hr_relay_process(hr_relay *r, struct hr_vq *vq, struct hr_chain *pending, ui
 		}
 		uint64_t n = hr_chain_read(pending, buf, sizeof(buf));
 		int64_t reply = hr_relay_request(r, buf, pending->read_len, pending->write_len, tail, &res);
-		if (reply < 0)
-			return 1; /* ATTACH, DETACH, PROBE, unknown: the caller's */
+		if (reply < 0 || res.status == HR_S_DEFER)
+			return 1; /* ATTACH, DETACH, PROBE, unknown, custom backends: the caller's */
 		(void)n;
 		if (reply > 0)
 			put_reply(pending, (uint64_t)reply, tail);

@@ -125,6 +125,10 @@ class DriverQueue:
             self.publish(head)
         return head, out
 
+    def reserve(self, count: int) -> list[int]:
+        """Descriptor indices for a chain the caller writes itself (:meth:`write_desc`)."""
+        return self._take(count)
+
     def _take(self, count: int) -> list[int]:
         if count > self.size:
             raise ValueError("chain longer than the queue")

@@ -35,6 +35,16 @@ R, W, RW = int(MapFlag.READ), int(MapFlag.WRITE), int(MapFlag.READ | MapFlag.WRI
 MiB = 1 << 20
 
 
+
+@pytest.fixture(autouse=True, params=["handle_request", "ring"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: through handle_request and through the C ring walker."""
+    if request.param == "ring":
+        from ring_transport import use_ring
+
+        use_ring(monkeypatch)
+    return str(request.param)
+
 @pytest.fixture
 def memory() -> Iterator[GuestMemory]:
     with GuestMemory() as m:

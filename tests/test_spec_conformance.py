@@ -36,6 +36,16 @@ U64_MAX = (1 << 64) - 1
 R = int(MapFlag.READ)
 
 
+
+@pytest.fixture(autouse=True, params=["handle_request", "ring"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: through handle_request and through the C ring walker."""
+    if request.param == "ring":
+        from ring_transport import use_ring
+
+        use_ring(monkeypatch)
+    return str(request.param)
+
 @pytest.fixture
 def memory() -> Iterator[GuestMemory]:
     with GuestMemory() as m:
