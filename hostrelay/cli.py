@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -71,6 +74,224 @@ def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports
         log(f"testbed: {shlex_join(cmd)} exited {result.returncode} (boot {result.boot_seconds or 0:.1f} s, "
             f"total {result.wall_seconds:.1f} s)")  # fmt: skip
     sys.exit(result.returncode)
+
+
+# ------------------------------------------------------------- host tooling
+# Front ends only: discovery in hostrelay.devices, binding in hostrelay.binding,
+# readiness in hostrelay.check, events and rules in hostrelay.udev.
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _host_options(func: F) -> F:
+    """Injectable roots (hidden; for tests and chroots) and the state directory."""
+    options = [
+        click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HOSTRELAY_STATE_DIR",
+                     default=Path("/run/hostrelay"), show_default=True, help="Where bind saves original drivers."),
+        click.option("--sysfs-root", type=click.Path(path_type=Path), envvar="HOSTRELAY_SYSFS_ROOT",
+                     default=Path("/sys"), hidden=True),
+        click.option("--dev-root", type=click.Path(path_type=Path), envvar="HOSTRELAY_DEV_ROOT",
+                     default=Path("/dev"), hidden=True),
+        click.option("--proc-root", type=click.Path(path_type=Path), envvar="HOSTRELAY_PROC_ROOT",
+                     default=Path("/proc"), hidden=True),
+    ]  # fmt: skip
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _host(state_dir: Path, sysfs_root: Path, dev_root: Path, proc_root: Path) -> Any:
+    from hostrelay.sysfs import Host
+
+    return Host(sys=sysfs_root, dev=dev_root, proc=proc_root, state_dir=state_dir)
+
+
+def _addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    from hostrelay.devices import normalize_address
+
+    try:
+        return [normalize_address(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=lambda o: o.__dict__))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command("devices")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--watch", is_flag=True, help="Report PCI add/remove events as they arrive (udev, else kernel events).")
+@click.option("--count", type=click.IntRange(1), help="With --watch: stop after COUNT events (exit 1 if fewer by --timeout).")
+@click.option("--timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="With --watch: seconds to listen.")
+@_host_options
+def devices_cmd(as_json: bool, watch: bool, count: int | None, timeout: float, **roots: Path) -> None:
+    """PCI functions: address, IDs, name, class, driver, IOMMU group, vfio-ready, in use."""
+    from hostrelay.devices import describe, list_functions
+
+    host = _host(**roots)
+    if watch:
+        from hostrelay.udev import PciWatcher
+
+        seen = 0
+        try:
+            with PciWatcher(host) as watcher:
+                click.echo(f"listening for PCI events ({watcher.source} events)", err=True)
+                sys.stderr.flush()
+                for ev in watcher.events(timeout=timeout):
+                    record: dict[str, Any] = {"action": ev.action, "address": ev.address, "source": ev.source}
+                    if ev.action == "add" and host.pci(ev.address).is_dir():
+                        record["device"] = describe(host, ev.address).to_json()
+                    if as_json:
+                        click.echo(json.dumps(record))
+                    else:
+                        dev = record.get("device")
+                        extra = f" {dev['vendor']}:{dev['device']} group {dev['iommu_group']}" if dev else ""
+                        click.echo(f"{ev.action} {ev.address}{extra} ({ev.source})")
+                    sys.stdout.flush()
+                    seen += 1
+                    if count is not None and seen >= count:
+                        return
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        if count is not None:
+            raise click.ClickException(f"saw {seen} of {count} events within {timeout:g} s")
+        return
+    funcs = list_functions(host)
+    if as_json:
+        _emit_json([f.to_json() for f in funcs])
+        return
+    rows = []
+    for f in funcs:
+        group = "-" if f.iommu_group is None else str(f.iommu_group)
+        others = [m for m in f.group_members if m != f.address]
+        rows.append([f.address, f"{f.vendor}:{f.device}", f.class_code, f.driver or "-",
+                     group + (f" (+{len(others)})" if others else ""), "yes" if f.vfio_ready else "no",
+                     "; ".join(f.in_use) or "-", f.name])  # fmt: skip
+    _table(rows, ["ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO", "IN USE", "NAME"])
+
+
+@main.command("groups")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@_host_options
+def groups_cmd(as_json: bool, **roots: Path) -> None:
+    """IOMMU groups: members, viability for VFIO, reserved regions, who holds them open."""
+    from hostrelay.devices import list_groups
+
+    groups = list_groups(_host(**roots))
+    if as_json:
+        _emit_json([g.to_json() for g in groups])
+        return
+    for g in groups:
+        state = "viable" if g.viable else "not viable: " + ", ".join(g.blockers)
+        click.echo(f"group {g.group} ({g.type or '?'}, {state})" + (f" {g.vfio_node}" if g.vfio_node else ""))
+        for m in g.members:
+            click.echo(f"  {m['address']}  {m['id']}  {m['driver'] or '-'}" + ("  [bridge]" if m["bridge"] else ""))
+        for r in g.reserved_regions:
+            click.echo(f"  reserved {r['start']}-{r['end']} {r['type']}")
+        for o in g.open_by:
+            click.echo(f"  open by pid {o.pid} ({o.command}): {o.path}")
+
+
+def _report(result: Any, as_json: bool) -> None:
+    from hostrelay.binding import result_text
+
+    if as_json:
+        _emit_json(result.to_json())
+    else:
+        for line in result_text(result):
+            click.echo(line)
+
+
+@main.command("bind")
+@click.argument("addresses", nargs=-1, required=True, callback=_addresses, metavar="ADDR...")
+@click.option("--group", "whole_group", is_flag=True, help="Also bind every other endpoint in the IOMMU groups.")
+@click.option("--force", is_flag=True, help="Bind even if the host is using the device (mounted disk, interface up).")
+@click.option("--dry-run", is_flag=True, help="Print the ordered sysfs writes; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--timeout", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Seconds to wait for /dev/vfio/N.")  # fmt: skip
+@_host_options
+def bind_cmd(addresses: list[str], whole_group: bool, force: bool, dry_run: bool, as_json: bool, timeout: float,
+             **roots: Path) -> None:  # fmt: skip
+    """Hand PCI functions to vfio-pci; returns when /dev/vfio/N is ready."""
+    from hostrelay.binding import BindError, bind
+
+    try:
+        result = bind(addresses, _host(**roots), whole_group=whole_group, force=force, dry_run=dry_run, timeout=timeout)
+    except BindError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _report(result, as_json)
+
+
+@main.command("unbind")
+@click.argument("addresses", nargs=-1, required=True, callback=_addresses, metavar="ADDR...")
+@click.option("--restore", is_flag=True, help="Give the device back to its saved driver (or the kernel's choice).")
+@click.option("--dry-run", is_flag=True, help="Print the ordered sysfs writes; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@_host_options
+def unbind_cmd(addresses: list[str], restore: bool, dry_run: bool, as_json: bool, **roots: Path) -> None:
+    """Take PCI functions off vfio-pci (refused while their group is open)."""
+    from hostrelay.binding import BindError, unbind
+
+    try:
+        result = unbind(addresses, _host(**roots), restore=restore, dry_run=dry_run)
+    except BindError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _report(result, as_json)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    from hostrelay.check import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@main.command("check")
+@click.option("--guest-ram", callback=_size, metavar="SIZE", help="Guest RAM to check RLIMIT_MEMLOCK against (4G, 512M).")
+@click.option("--containers", type=click.IntRange(1), help="VFIO containers the guest needs [default: bound groups, min 1].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@_host_options
+def check_cmd(guest_ram: int | None, containers: int | None, as_json: bool, **roots: Path) -> None:
+    """Is this host ready for VFIO? Each finding with its remedy; exit 1 if not ready."""
+    from hostrelay.check import readiness, ready
+
+    findings = readiness(_host(**roots), guest_ram=guest_ram, containers=containers)
+    ok = ready(findings)
+    if as_json:
+        _emit_json({"ready": ok, "findings": [f.to_json() for f in findings]})
+    else:
+        for f in findings:
+            click.echo(f"[{f.status.upper():4}] {f.check}: {f.detail}")
+            if f.remedy and f.status != "ok":
+                click.echo(f"       remedy: {f.remedy}")
+        click.echo("ready" if ok else "NOT ready")
+    sys.exit(0 if ok else 1)
+
+
+@main.command("udev-rules")
+@click.option("--group", "unix_group", metavar="GROUP", help="Unix group to give access to /dev/vfio/<N>.")
+@click.option("--mode", default="0660", show_default=True, help="Mode for the group nodes.")
+@click.option("--bind", "selectors", multiple=True, metavar="ADDR|VVVV:DDDD",
+              help="Bind this function (or every function with this ID) to vfio-pci at boot; repeatable.")
+def udev_rules_cmd(unix_group: str | None, mode: str, selectors: tuple[str, ...]) -> None:
+    """Print udev rules: group access to /dev/vfio/* and/or vfio-pci binding at boot."""
+    from hostrelay.udev import rules_text
+
+    if unix_group is None and not selectors:
+        raise click.UsageError("give --group GROUP and/or --bind ADDR|VVVV:DDDD")
+    try:
+        click.echo(rules_text(unix_group, selectors, mode), nl=False)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def shlex_join(cmd: tuple[str, ...]) -> str:
