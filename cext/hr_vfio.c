@@ -118,17 +118,18 @@ int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
 }
 
 int hr_vfio_bench_map_unmap(int container_fd, uint64_t vaddr, uint64_t iova,
-			    uint64_t size, uint32_t count)
+			    uint64_t size, uint32_t count, uint32_t spread)
 {
-	/* The baseline for benchmarks: the raw ioctl pair with no bookkeeping. */
+	/* The baseline for benchmarks: the raw ioctl pair with no bookkeeping,
+	 * cycling over `spread` consecutive IOVAs/pages like a guest would. */
 	for (uint32_t i = 0; i < count; i++) {
-		uint64_t unmapped = 0;
+		uint64_t unmapped = 0, off = spread ? (i % spread) * size : 0;
 		int rc = hr_vfio_map_dma(container_fd,
 					 VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-					 vaddr, iova, size);
+					 vaddr + off, iova + off, size);
 		if (rc < 0)
 			return rc;
-		rc = hr_vfio_unmap_dma(container_fd, 0, iova, size, &unmapped);
+		rc = hr_vfio_unmap_dma(container_fd, 0, iova + off, size, &unmapped);
 		if (rc < 0)
 			return rc;
 		if (unmapped != size)

@@ -37,6 +37,6 @@ int hr_vfio_map_dma(int container_fd, uint32_t flags, uint64_t vaddr,
 int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
                       uint64_t size, uint64_t *unmapped);
 int hr_vfio_bench_map_unmap(int container_fd, uint64_t vaddr, uint64_t iova,
-                            uint64_t size, uint32_t count);
+                            uint64_t size, uint32_t count, uint32_t spread);
 
 #endif

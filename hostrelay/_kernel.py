@@ -148,9 +148,14 @@ def unmap_dma(fd: int, iova: int, size: int, flags: int = 0, path: str | None = 
     return int(out[0])
 
 
-def bench_map_unmap(fd: int, vaddr: int, iova: int, size: int, count: int) -> None:
-    """The raw C loop of MAP_DMA+UNMAP_DMA pairs that benchmarks compare against."""
-    _check(lib.hr_vfio_bench_map_unmap(fd, vaddr, iova, size, count), "bench MAP/UNMAP", path=None, fd=fd, iova=iova, size=size)
+def bench_map_unmap(fd: int, vaddr: int, iova: int, size: int, count: int, spread: int = 1) -> None:
+    """The raw C loop of MAP_DMA+UNMAP_DMA pairs that benchmarks compare against.
+
+    Pair ``i`` maps ``size`` bytes at ``iova + (i % spread) * size`` from
+    ``vaddr`` plus the same offset, as a guest cycling through buffers would.
+    """
+    _check(lib.hr_vfio_bench_map_unmap(fd, vaddr, iova, size, count, spread), "bench MAP/UNMAP",
+           path=None, fd=fd, iova=iova, size=size)  # fmt: skip
 
 
 def buffer_address(buf: Any) -> int:

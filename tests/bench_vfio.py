@@ -1,0 +1,157 @@
+"""Benchmark: guest MAP/UNMAP relayed to VFIO, against the raw kernel cost.
+
+Not a test (pytest does not collect ``bench_*.py``).  Needs VFIO with edu
+devices (the testbed: ``hostrelay testbed run --edu 4 -- python tests/bench_vfio.py``).
+All figures come from one boot, so the ratios compare like with like:
+
+- raw: a C loop of ``VFIO_IOMMU_MAP_DMA`` + ``VFIO_IOMMU_UNMAP_DMA`` of 4 KiB on
+  a container of the same IOMMU (``hr_vfio_bench_map_unmap``), the floor;
+- ring: 4 KiB MAP + UNMAP request pairs through the request virtqueue, in
+  batches of 64 pairs, one ``process_queue`` call per batch (target <= 1.10x raw);
+- handle_request: the same pairs one request at a time (target <= 2.5x raw);
+- a MAP+UNMAP pair through the ring in a domain with 1, 2 and 4 VFIO groups.
+
+Each figure is the best of ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import sys
+import time
+from collections.abc import Callable
+
+from hostrelay import GuestMemory, Relay, _kernel
+from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
+from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, UnmapRequest
+from hostrelay.sysfs import bind_vfio, find_pci, wait_for_vfio_node
+from hostrelay.vfio import Container, Group, group_of
+from hostrelay.virtqueue import DriverQueue
+
+PAGE = 0x1000
+BATCH = 64
+RW = int(MapFlag.READ | MapFlag.WRITE)
+IOVA = 0x100000
+RING_GPA = 0x1000000
+
+
+def best(fn: Callable[[], float], repeat: int) -> float:
+    return min(fn() for _ in range(repeat))
+
+
+def raw_pairs(bdf: str, pairs: int) -> Callable[[], float]:
+    buf = mmap.mmap(-1, PAGE)
+    va = _kernel.buffer_address(buf)
+    container = Container()
+    container.attach(Group.for_device(bdf))
+
+    def run() -> float:
+        t = time.perf_counter()
+        _kernel.bench_map_unmap(container.fd, va, IOVA, PAGE, pairs)
+        return (time.perf_counter() - t) / pairs
+
+    run.container = container  # type: ignore[attr-defined]  # keep alive
+    run.buf = buf  # type: ignore[attr-defined]
+    return run
+
+
+class RelaySetup:
+    """A relay with ``groups`` VFIO endpoints attached to one domain and a request queue."""
+
+    def __init__(self, bdfs: list[str]) -> None:
+        self.memory = GuestMemory()
+        self.memory.add_region(0, 64 << 20)
+        self.relay = Relay(self.memory, bypass=False)
+        for i, bdf in enumerate(bdfs):
+            self.relay.add_vfio_endpoint(0x10 + i, bdf)
+        for i in range(len(bdfs)):
+            assert self.relay.handle_request(AttachRequest(1, 0x10 + i).pack(), 4) == bytes(4)
+        self.q = DriverQueue(self.memory, RING_GPA, 4 * BATCH, data_size=1 << 20)
+        self.relay.set_queue(0, size=self.q.size, desc=self.q.desc, avail=self.q.avail, used=self.q.used_ring)
+        self.heads = []
+        self.tails = []
+        for i in range(BATCH):  # the same 128 chains every batch: only the avail ring is rewritten
+            iova, gpa = IOVA + i * PAGE, i * PAGE
+            for raw in (MapRequest(1, iova, iova + PAGE - 1, gpa, RW).pack(), UnmapRequest(1, iova, iova + PAGE - 1).pack()):
+                h, (t,) = self.q.add([raw], [4], publish=False)
+                self.heads.append(h)
+                self.tails.append(t)
+        self.requests = [(MapRequest(1, IOVA, IOVA + PAGE - 1, 0, RW).pack(), UnmapRequest(1, IOVA, IOVA + PAGE - 1).pack())]
+
+    def ring(self, batches: int) -> float:
+        spent = 0.0
+        for _ in range(batches):
+            self.q.publish(*self.heads)
+            t = time.perf_counter()
+            done = self.relay.process_queue(0)
+            spent += time.perf_counter() - t
+            assert done == 2 * BATCH, done
+            used = self.q.used()
+            assert all(u.len == 4 for u in used)
+        assert all(self.memory.read(t, 1) == b"\0" for t in self.tails), "a request failed"
+        assert self.relay.mapping_count(1) == 0
+        return spent / (batches * BATCH)
+
+    def one_at_a_time(self, pairs: int) -> float:
+        m, u = self.requests[0]
+        handle = self.relay.handle_request
+        ok = bytes(4)
+        t = time.perf_counter()
+        for _ in range(pairs):
+            if handle(m, 4) != ok or handle(u, 4) != ok:
+                raise RuntimeError("request failed")
+        return (time.perf_counter() - t) / pairs
+
+    def close(self) -> None:
+        self.relay.close()
+        self.memory.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=2048, help="MAP+UNMAP pairs per measurement")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    bdfs = find_pci(VENDOR_ID, DEVICE_ID)
+    if not bdfs:
+        print("no edu devices: run inside `hostrelay testbed run --edu 4`", file=sys.stderr)
+        return 2
+    for bdf in bdfs:
+        bind_vfio(bdf)
+        wait_for_vfio_node(group_of(bdf))
+    batches = max(args.pairs // BATCH, 1)
+    pairs = batches * BATCH
+
+    raw = raw_pairs(bdfs[0], pairs)
+    raw()  # warm up
+    setup = RelaySetup(bdfs[1:2] or bdfs[:1]) if len(bdfs) > 1 else None
+    raw_cost = best(raw, args.repeat)
+    raw.container.close()  # type: ignore[attr-defined]
+    if setup is None:
+        setup = RelaySetup(bdfs[:1])
+    setup.ring(1)
+    ring_cost = best(lambda: setup.ring(batches), args.repeat)
+    one_cost = best(lambda: setup.one_at_a_time(pairs), args.repeat)
+    setup.close()
+    print(f"4 KiB MAP+UNMAP pairs, {pairs} pairs x best of {args.repeat}")
+    print(f"  raw C ioctl loop       {raw_cost * 1e6:8.2f} us/pair  (1.00x)")
+    print(f"  ring, batches of {BATCH}    {ring_cost * 1e6:8.2f} us/pair  ({ring_cost / raw_cost:.2f}x raw, target <= 1.10x)")
+    print(f"  handle_request 1 by 1  {one_cost * 1e6:8.2f} us/pair  ({one_cost / raw_cost:.2f}x raw, target <= 2.5x)")
+    print("MAP+UNMAP pair through the ring by VFIO groups in the domain")
+    base = None
+    for n in (1, 2, 4):
+        if n > len(bdfs):
+            print(f"  {n} groups: skipped (only {len(bdfs)} edu devices)")
+            continue
+        s = RelaySetup(bdfs[:n])
+        s.ring(1)
+        cost = best(lambda: s.ring(batches), args.repeat)
+        s.close()
+        base = base or cost
+        print(f"  {n} group{'s' if n > 1 else ' '}  {cost * 1e6:8.2f} us/pair  ({cost / base:.2f}x one group, {cost / raw_cost:.2f}x raw)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
