@@ -408,8 +408,6 @@ int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_
 			return refuse(res, HR_S_NOMEM, HR_R_LIMIT);
 		return HR_S_OK;
 	}
-	if (hr_table_overlaps(d->table, vs, ve))
-		return refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* before VFIO says EEXIST half-way */
 	uint64_t size = last + 1;
 	/* Limits before any ioctl, so nothing is half done when one trips. */
 	for (uint32_t i = 0; i < d->ncont; i++) {
@@ -420,28 +418,29 @@ int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_
 	}
 	if (!memlock_ok(r, size * d->ncont))
 		return refuse(res, HR_S_NOMEM, HR_R_MEMLOCK);
+	/* Into the table first (its overlap check is the insert's own descent,
+	 * and it refuses before VFIO would say EEXIST half-way); taken out
+	 * again if a container refuses. */
+	int rc = hr_table_insert(d->table, vs, ve, ps, flags);
+	if (rc == -EEXIST)
+		return refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* D-24 */
+	if (rc < 0)
+		return refuse(res, HR_S_NOMEM, HR_R_LIMIT);
 	uint32_t vf = vfio_flags(flags);
 	for (uint32_t i = 0; i < d->ncont; i++) {
-		int rc = map_pieces(r, d->cont[i], vs, ps, size, vf);
+		rc = map_pieces(r, d->cont[i], vs, ps, size, vf);
 		if (rc < 0) {
 			/* Undo the containers already done: all agree again. */
 			for (uint32_t j = 0; j < i; j++) {
 				uint64_t unmapped;
 				hr_vfio_unmap_dma(d->cont[j]->fd, 0, vs, size, &unmapped);
 			}
+			hr_table_remove_exact(d->table, vs, ve);
 			return kernel_failed(res, -rc, (int32_t)i);
 		}
 	}
 	for (uint32_t i = 0; i < d->ncont; i++)
 		account_map(r, d->cont[i], pieces, size);
-	if (hr_table_insert(d->table, vs, ve, ps, flags) < 0) {
-		for (uint32_t i = 0; i < d->ncont; i++) {
-			uint64_t unmapped;
-			hr_vfio_unmap_dma(d->cont[i]->fd, 0, vs, size, &unmapped);
-			account_unmap(r, d->cont[i], pieces, size);
-		}
-		return refuse(res, HR_S_NOMEM, HR_R_LIMIT);
-	}
 	return HR_S_OK;
 }
 
@@ -505,22 +504,38 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 		return refuse(res, HR_S_INVAL, HR_R_BYPASS); /* D-31 */
 	if (!d->ncont && !d->custom) {
 		/* Emulated only: the removal is atomic by itself (RANGE and
-		 * nothing removed on a straddle), one tree descent fewer. */
+		 * nothing removed on a straddle); an UNMAP naming exactly one
+		 * mapping, the common case, needs no range walk at all. */
+		if (hr_table_remove_exact(d->table, vs, ve))
+			return HR_S_OK;
 		if (hr_table_remove_range(d->table, vs, ve) < 0)
 			return refuse(res, HR_S_RANGE, HR_R_STRADDLE);
 		return HR_S_OK;
 	}
-	/* Atomic: a straddled mapping refuses the whole UNMAP (D-32) before
-	 * any container is touched; holes are fine (D-33). */
-	int64_t n = hr_table_check_range(d->table, vs, ve);
-	if (n < 0)
-		return refuse(res, HR_S_RANGE, HR_R_STRADDLE);
-	if (d->custom)
-		return refuse(res, HR_S_DEFER, HR_R_NONE); /* valid: the caller fans out, then removes */
+	struct hr_mapping one;
+	struct cover cv;
+	int64_t n;
+	if (!d->custom && hr_table_find_exact(d->table, vs, ve, &one)) {
+		/* One mapping, exactly named: nothing can straddle. */
+		n = 1;
+		memset(&cv, 0, sizeof(cv));
+		if (has_perm(one.flags) && !(one.flags & HR_MAP_F_MMIO)) {
+			cv = (struct cover){ .bytes = ve - vs + 1, .first = vs, .last = ve, .any = 1,
+					     .pieces = count_pieces(&r->mem, one.phys, ve - vs + 1) };
+		}
+	} else {
+		/* Atomic: a straddled mapping refuses the whole UNMAP (D-32)
+		 * before any container is touched; holes are fine (D-33). */
+		n = hr_table_check_range(d->table, vs, ve);
+		if (n < 0)
+			return refuse(res, HR_S_RANGE, HR_R_STRADDLE);
+		if (d->custom)
+			return refuse(res, HR_S_DEFER, HR_R_NONE); /* valid: the caller fans out, then removes */
+		if (n > 0)
+			covered(r, d->table, vs, ve, &cv);
+	}
 	int mismatch = 0;
 	if (n > 0 && d->ncont) {
-		struct cover cv;
-		covered(r, d->table, vs, ve, &cv);
 		for (uint32_t i = 0; cv.any && i < d->ncont; i++) {
 			struct hr_container *c = d->cont[i];
 			uint64_t got = 0;
@@ -550,7 +565,10 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 			}
 		}
 	}
-	hr_table_remove_range(d->table, vs, ve);
+	if (n == 1 && cv.first == vs && cv.last == ve)
+		hr_table_remove_exact(d->table, vs, ve);
+	else
+		hr_table_remove_range(d->table, vs, ve);
 	if (mismatch) {
 		res->size = ve - vs + 1;
 		return refuse(res, HR_S_DEVERR, HR_R_MISMATCH);
@@ -616,6 +634,22 @@ int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_
 	}
 	tail[0] = (uint8_t)status;
 	return 4;
+}
+
+int hr_relay_fast(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen, struct hr_result *res)
+{
+	/* Only the plain case: a well-framed MAP/UNMAP whose reply is the 4-byte
+	 * tail.  Anything else returns -1 having changed nothing. */
+	if (wlen != 4 || rlen < 1 || !((req[0] == HR_T_MAP && rlen == HR_MAP_REQ_SIZE) ||
+				       (req[0] == HR_T_UNMAP && rlen == HR_UNMAP_REQ_SIZE)))
+		return -1;
+	uint8_t tail[4];
+	hr_relay_request(r, req, rlen, wlen, tail, res);
+	if (res->status == HR_S_DEFER)
+		return -1; /* nothing was changed: the caller takes the full path */
+	if (res->reason == HR_R_KERNEL || res->reason == HR_R_MISMATCH)
+		return HR_FAST_REPORT | res->status;
+	return res->status;
 }
 
 /* Write len bytes of reply into the chain's writable part and complete it. */

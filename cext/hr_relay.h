@@ -94,6 +94,10 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 
 int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen,
                          uint8_t *out, struct hr_result *res);
+/* handle_request's fast path: the status (reply = the 4-byte tail), HR_FAST_REPORT | status
+ * when res holds a kernel failure to report, or -1 with nothing changed. */
+#define HR_FAST_REPORT 0x1000
+int hr_relay_fast(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen, struct hr_result *res);
 int hr_relay_process(hr_relay *r, struct hr_vq *vq, struct hr_chain *pending, uint32_t *completed,
                      struct hr_result *errs, uint32_t errs_cap, uint32_t *nerrs);
 void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply,

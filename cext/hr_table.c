@@ -25,7 +25,36 @@ struct hr_node {
 struct hr_table {
 	struct hr_node *root;
 	uint64_t count;
+	/* Recycled nodes (linked through ->left): a MAP/UNMAP burst reuses
+	 * them instead of going through malloc/free for every request. */
+	struct hr_node *spare;
+	uint32_t nspare;
 };
+
+#define HR_MAX_SPARE 4096
+
+static struct hr_node *hr_node_get(hr_table *t)
+{
+	struct hr_node *n = t->spare;
+
+	if (n) {
+		t->spare = n->left;
+		t->nspare--;
+		return n;
+	}
+	return malloc(sizeof(*n));
+}
+
+static void hr_node_put(hr_table *t, struct hr_node *n)
+{
+	if (t->nspare >= HR_MAX_SPARE) {
+		free(n);
+		return;
+	}
+	n->left = t->spare;
+	t->spare = n;
+	t->nspare++;
+}
 
 static int hr_height(const struct hr_node *n)
 {
@@ -79,16 +108,30 @@ static struct hr_node *hr_balance(struct hr_node *n)
 	return n;
 }
 
-static struct hr_node *hr_insert_node(struct hr_node *root, struct hr_node *nn)
+/* Insert nn unless it overlaps a mapping, in one descent: the nodes where
+ * the path turned right and left last are nn's neighbours in key order, the
+ * only ones it can overlap (mappings are disjoint).  On overlap nothing on
+ * the path was changed, so the way back up is a no-op. */
+static struct hr_node *hr_insert_node(struct hr_node *root, struct hr_node *nn,
+                                      const struct hr_node *pred, const struct hr_node *succ,
+                                      int *overlap)
 {
-	if (!root)
+	if (!root) {
+		if ((pred && pred->end >= nn->start) || (succ && succ->start <= nn->end)) {
+			*overlap = 1;
+			return NULL;
+		}
 		return nn;
-	/* Starts are unique: the caller rejected any overlap first. */
+	}
+	if (nn->start == root->start) {
+		*overlap = 1;
+		return root;
+	}
 	if (nn->start < root->start)
-		root->left = hr_insert_node(root->left, nn);
+		root->left = hr_insert_node(root->left, nn, pred, root, overlap);
 	else
-		root->right = hr_insert_node(root->right, nn);
-	return hr_balance(root);
+		root->right = hr_insert_node(root->right, nn, root, succ, overlap);
+	return *overlap ? root : hr_balance(root);
 }
 
 static struct hr_node *hr_remove_min(struct hr_node *n, struct hr_node **min)
@@ -170,6 +213,16 @@ static void hr_free_nodes(struct hr_node *n)
 	}
 }
 
+static void hr_free_spare(hr_table *t)
+{
+	while (t->spare) {
+		struct hr_node *next = t->spare->left;
+		free(t->spare);
+		t->spare = next;
+	}
+	t->nspare = 0;
+}
+
 static void hr_export(const struct hr_node *n, struct hr_mapping *out)
 {
 	out->start = n->start;
@@ -188,12 +241,14 @@ void hr_table_free(hr_table *t)
 	if (!t)
 		return;
 	hr_free_nodes(t->root);
+	hr_free_spare(t);
 	free(t);
 }
 
 void hr_table_clear(hr_table *t)
 {
 	hr_free_nodes(t->root);
+	hr_free_spare(t);
 	t->root = NULL;
 	t->count = 0;
 }
@@ -220,13 +275,11 @@ int hr_table_insert(hr_table *t, uint64_t start, uint64_t end, uint64_t phys,
                     uint32_t flags)
 {
 	struct hr_node *nn;
-	int rc = hr_table_overlaps(t, start, end);
+	int overlap = 0;
 
-	if (rc < 0)
-		return rc;
-	if (rc)
-		return -EEXIST;
-	nn = malloc(sizeof(*nn));
+	if (start > end)
+		return -EINVAL;
+	nn = hr_node_get(t);
 	if (!nn)
 		return -ENOMEM;
 	nn->left = nn->right = NULL;
@@ -235,7 +288,11 @@ int hr_table_insert(hr_table *t, uint64_t start, uint64_t end, uint64_t phys,
 	nn->phys = phys;
 	nn->flags = flags;
 	nn->height = 1;
-	t->root = hr_insert_node(t->root, nn);
+	t->root = hr_insert_node(t->root, nn, NULL, NULL, &overlap);
+	if (overlap) {
+		hr_node_put(t, nn);
+		return -EEXIST;
+	}
 	t->count++;
 	return 0;
 }
@@ -331,7 +388,7 @@ int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end)
 
 		removed = NULL;
 		t->root = hr_remove_key(t->root, n->start, &removed);
-		free(removed);
+		hr_node_put(t, removed);
 		t->count--;
 		count++;
 		/* Covered mappings end inside the range; one ending at `end`
@@ -341,6 +398,33 @@ int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end)
 		start = n_end + 1;
 	}
 	return count;
+}
+
+/* The common UNMAP names exactly one mapping: find it in one descent.
+ * Then no other mapping can intersect [start, end] (they are disjoint). */
+int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
+{
+	const struct hr_node *n = t->root;
+
+	while (n && n->start != start)
+		n = start < n->start ? n->left : n->right;
+	if (!n || n->end != end)
+		return 0;
+	if (out)
+		hr_export(n, out);
+	return 1;
+}
+
+int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end)
+{
+	struct hr_node *removed = NULL;
+
+	if (!hr_table_find_exact(t, start, end, NULL))
+		return 0;
+	t->root = hr_remove_key(t->root, start, &removed);
+	hr_node_put(t, removed);
+	t->count--;
+	return 1;
 }
 
 int hr_table_translate(const hr_table *t, uint64_t iova, uint64_t size,

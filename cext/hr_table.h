@@ -64,6 +64,10 @@ int64_t hr_table_check_range(const hr_table *t, uint64_t start, uint64_t end);
 /* Atomic UNMAP: -ERANGE and nothing removed if a mapping is straddled,
  * otherwise removes every covered mapping and returns how many. */
 int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end);
+/* 1 (and *out filled, if given) if a mapping is exactly [start, end], else 0. */
+int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out);
+/* Remove the mapping that is exactly [start, end]: 1 if removed, else 0. */
+int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end);
 
 /* Translate the span [iova, iova + size - 1] for an access needing the MAP
  * flags in `need` (READ and/or WRITE).  The span may cross adjacent mappings

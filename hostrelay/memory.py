@@ -118,7 +118,9 @@ class GuestMemory:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[Region] = []
-        self._generation = 0
+        # Changes whenever the set of regions changes (the relay's C copy
+        # follows it); a plain attribute because the hot path reads it.
+        self.generation = 0
 
     def add_region(
         self,
@@ -176,13 +178,8 @@ class GuestMemory:
             )
         self._starts.insert(i, gpa)
         self._regions.insert(i, region)
-        self._generation += 1
+        self.generation += 1
         return region
-
-    @property
-    def generation(self) -> int:
-        """Changes whenever the set of regions changes (the relay's C copy follows it)."""
-        return self._generation
 
     @property
     def regions(self) -> tuple[Region, ...]:

@@ -9,6 +9,8 @@ All figures come from one boot, so the ratios compare like with like:
 - ring: 4 KiB MAP + UNMAP request pairs through the request virtqueue, in
   batches of 64 pairs, one ``process_queue`` call per batch (target <= 1.10x raw);
 - handle_request: the same pairs one request at a time (target <= 2.5x raw);
+- for context, the same two ioctls issued by one Python->C call each (what any
+  per-request Python front end pays at least, before doing any work);
 - a MAP+UNMAP pair through the ring in a domain with 1, 2 and 4 VFIO groups.
 
 Each figure is the best of ``--repeat`` runs.
@@ -103,6 +105,18 @@ class RelaySetup:
                 raise RuntimeError("request failed")
         return (time.perf_counter() - t) / pairs
 
+    def bare_ioctls(self, pairs: int) -> float:
+        """One Python->C call per ioctl, no relay logic: the floor of per-request Python."""
+        c = self.relay.vfio_backend(0x10).container
+        va = self.memory.regions[0].hva
+        out = _kernel.ffi.new("uint64_t *")
+        map_dma, unmap_dma, fd = _kernel.lib.hr_vfio_map_dma, _kernel.lib.hr_vfio_unmap_dma, c.fd
+        t = time.perf_counter()
+        for _ in range(pairs):
+            if map_dma(fd, 3, va, IOVA, PAGE) < 0 or unmap_dma(fd, 0, IOVA, PAGE, out) < 0:
+                raise RuntimeError("ioctl failed")
+        return (time.perf_counter() - t) / pairs
+
     def close(self) -> None:
         self.relay.close()
         self.memory.close()
@@ -133,11 +147,13 @@ def main() -> int:
     setup.ring(1)
     ring_cost = best(lambda: setup.ring(batches), args.repeat)
     one_cost = best(lambda: setup.one_at_a_time(pairs), args.repeat)
+    bare_cost = best(lambda: setup.bare_ioctls(pairs), args.repeat)
     setup.close()
     print(f"4 KiB MAP+UNMAP pairs, {pairs} pairs x best of {args.repeat}")
     print(f"  raw C ioctl loop       {raw_cost * 1e6:8.2f} us/pair  (1.00x)")
     print(f"  ring, batches of {BATCH}    {ring_cost * 1e6:8.2f} us/pair  ({ring_cost / raw_cost:.2f}x raw, target <= 1.10x)")
     print(f"  handle_request 1 by 1  {one_cost * 1e6:8.2f} us/pair  ({one_cost / raw_cost:.2f}x raw, target <= 2.5x)")
+    print(f"  2 bare ioctl calls     {bare_cost * 1e6:8.2f} us/pair  ({bare_cost / raw_cost:.2f}x raw: one Python->C call per ioctl)")
     print("MAP+UNMAP pair through the ring by VFIO groups in the domain")
     base = None
     for n in (1, 2, 4):
