@@ -704,6 +704,29 @@ int hr_relay_process(hr_relay *r, struct hr_vq *vq, struct hr_chain *pending, ui
 	}
 }
 
+/* ------------------------------------------------------------- benchmarks */
+
+int hr_relay_bench_map_unmap(hr_relay *r, uint32_t domain, uint64_t iova, uint64_t gpa, uint64_t size,
+			     uint32_t count, uint32_t spread)
+{
+	/* The data plane's own cost: MAP+UNMAP pairs straight into
+	 * hr_relay_map/hr_relay_unmap, no ring and no Python, cycling over
+	 * `spread` pages like tests/bench_vfio.py's other loops. */
+	struct hr_result res;
+
+	for (uint32_t i = 0; i < count; i++) {
+		uint64_t off = spread ? (i % spread) * size : 0;
+		int st = hr_relay_map(r, domain, iova + off, iova + off + size - 1, gpa + off,
+				      HR_MAP_F_READ | HR_MAP_F_WRITE, &res);
+		if (st)
+			return -st;
+		st = hr_relay_unmap(r, domain, iova + off, iova + off + size - 1, &res);
+		if (st)
+			return -st;
+	}
+	return 0;
+}
+
 /* ------------------------------------------------------------- statistics */
 
 struct range {

@@ -10,7 +10,8 @@ All figures come from one boot, so the ratios compare like with like:
   batches of 64 pairs, one ``process_queue`` call per batch (target <= 1.10x raw);
 - handle_request: the same pairs one request at a time (target <= 2.5x raw);
 - for context, the same two ioctls issued by one Python->C call each (what any
-  per-request Python front end pays at least, before doing any work);
+  per-request Python front end pays at least, before doing any work), and the
+  data plane's own MAP/UNMAP code in a C loop (no ring, no Python);
 - a MAP+UNMAP pair through the ring in a domain with 1, 2 and 4 VFIO groups.
 
 Each figure is the best of ``--repeat`` runs.
@@ -117,6 +118,16 @@ class RelaySetup:
                 raise RuntimeError("ioctl failed")
         return (time.perf_counter() - t) / pairs
 
+    def c_loop(self, pairs: int) -> float:
+        """hr_relay_map/hr_relay_unmap in a C loop: the data plane without the ring."""
+        self.relay._sync_memory()
+        t = time.perf_counter()
+        rc = _kernel.lib.hr_relay_bench_map_unmap(self.relay._c, 1, IOVA, 0, PAGE, pairs, BATCH)
+        spent = time.perf_counter() - t
+        if rc:
+            raise RuntimeError(f"relay C loop failed with status {-rc}")
+        return spent / pairs
+
     def close(self) -> None:
         self.relay.close()
         self.memory.close()
@@ -148,12 +159,14 @@ def main() -> int:
     ring_cost = best(lambda: setup.ring(batches), args.repeat)
     one_cost = best(lambda: setup.one_at_a_time(pairs), args.repeat)
     bare_cost = best(lambda: setup.bare_ioctls(pairs), args.repeat)
+    c_cost = best(lambda: setup.c_loop(pairs), args.repeat)
     setup.close()
     print(f"4 KiB MAP+UNMAP pairs, {pairs} pairs x best of {args.repeat}")
     print(f"  raw C ioctl loop       {raw_cost * 1e6:8.2f} us/pair  (1.00x)")
     print(f"  ring, batches of {BATCH}    {ring_cost * 1e6:8.2f} us/pair  ({ring_cost / raw_cost:.2f}x raw, target <= 1.10x)")
     print(f"  handle_request 1 by 1  {one_cost * 1e6:8.2f} us/pair  ({one_cost / raw_cost:.2f}x raw, target <= 2.5x)")
     print(f"  2 bare ioctl calls     {bare_cost * 1e6:8.2f} us/pair  ({bare_cost / raw_cost:.2f}x raw: one Python->C call per ioctl)")
+    print(f"  data plane in C loop   {c_cost * 1e6:8.2f} us/pair  ({c_cost / raw_cost:.2f}x raw: hr_relay_map/unmap, no ring)")
     print("MAP+UNMAP pair through the ring by VFIO groups in the domain")
     base = None
     for n in (1, 2, 4):
