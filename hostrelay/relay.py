@@ -108,6 +108,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _relay_fast = lib.hr_relay_fast
+_relay_process = lib.hr_relay_process
 _FAST_REPORT = lib.HR_FAST_REPORT
 _TAILS: tuple[bytes, ...] = tuple(pack_tail(s) for s in range(256))
 
@@ -1247,14 +1248,16 @@ class Relay:
             self._frozen = True
             if self.memory.generation != self._mem_generation:
                 self._sync_memory()
-            if self._budget is not None:
+            if not self._fast:
                 self._sync_memlock()
             q.completed[0] = 0
             while True:
                 q.nerrs[0] = 0
-                rc = lib.hr_relay_process(self._c, q.vq, q.chain, q.completed, q.errs, q.ERRS, q.nerrs)
-                for i in range(q.nerrs[0]):
-                    self._c_failure(q.errs[i])
+                rc = _relay_process(self._c, q.vq, q.chain, q.completed, q.errs, q.ERRS, q.nerrs)
+                failures = q.nerrs[0]
+                if failures:
+                    for i in range(failures):
+                        self._c_failure(q.errs[i])
                 if rc == 1:  # a request for the control plane
                     self._serve_pending(q)
                 elif rc == 0:

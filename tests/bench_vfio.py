@@ -70,7 +70,7 @@ class RelaySetup:
             self.relay.add_vfio_endpoint(0x10 + i, bdf)
         for i in range(len(bdfs)):
             assert self.relay.handle_request(AttachRequest(1, 0x10 + i).pack(), 4) == bytes(4)
-        self.q = DriverQueue(self.memory, RING_GPA, 4 * BATCH, data_size=1 << 20)
+        self.q = DriverQueue(self.memory, RING_GPA, 4 * BATCH, data_size=4 << 20)
         self.relay.set_queue(0, size=self.q.size, desc=self.q.desc, avail=self.q.avail, used=self.q.used_ring)
         self.heads = []
         self.tails = []
@@ -83,16 +83,18 @@ class RelaySetup:
         self.requests = [(MapRequest(1, IOVA, IOVA + PAGE - 1, 0, RW).pack(), UnmapRequest(1, IOVA, IOVA + PAGE - 1).pack())]
 
     def ring(self, batches: int) -> float:
+        # The driver side does as little as a guest driver would between
+        # kicks (under TCG it shares the one vCPU with the device, so its
+        # Python work would otherwise be charged to the relay): publish the
+        # burst, count completions; the replies are checked once at the end.
         spent = 0.0
         for _ in range(batches):
             self.q.publish(*self.heads)
             t = time.perf_counter()
             done = self.relay.process_queue(0)
             spent += time.perf_counter() - t
-            assert done == 2 * BATCH, done
-            used = self.q.used()
-            assert all(u.len == 4 for u in used)
-        assert all(self.memory.read(t, 1) == b"\0" for t in self.tails), "a request failed"
+            assert done == 2 * BATCH and self.q.consume() == 2 * BATCH, done
+        assert all(self.memory.read(t, 4) == bytes(4) for t in self.tails), "a request failed"
         assert self.relay.mapping_count(1) == 0
         return spent / (batches * BATCH)
 
