@@ -740,29 +740,39 @@ static int cmp_range(const void *a, const void *b)
 }
 
 /* Guest bytes pinned at least once (each page counted once however many
- * IOVAs or containers map it): domain >= 0 for one domain, -1 for all. */
-uint64_t hr_relay_unique_pinned(const hr_relay *r, int64_t domain)
+ * IOVAs or containers map it) by one domain (domain >= 0), by all of them
+ * (-1) or by none (-2: only the extra ranges), together with `nextra` more inclusive [start, end] GPA ranges (the
+ * bypass identity maps, which belong to no domain).  *mapped gets the plain
+ * sum of the domains' mapping sizes, what type1 pins per container. */
+uint64_t hr_relay_pinned(const hr_relay *r, int64_t domain, const uint64_t *extra, uint32_t nextra,
+			 uint64_t *mapped)
 {
-	uint64_t n = 0, total = 0;
+	uint64_t n = nextra, total = 0, sum = 0;
 
 	for (uint32_t i = 0; i < r->ndom; i++)
-		if ((domain < 0 || r->dom[i].id == (uint64_t)domain) && r->dom[i].ncont)
+		if ((domain == -1 || (domain >= 0 && r->dom[i].id == (uint64_t)domain)) && r->dom[i].ncont)
 			n += hr_table_count(r->dom[i].table);
+	if (mapped)
+		*mapped = 0;
 	if (!n)
 		return 0;
 	struct range *v = malloc(n * sizeof(*v));
 	if (!v)
 		return UINT64_MAX;
 	uint64_t k = 0;
+	for (uint32_t i = 0; i < nextra; i++)
+		v[k++] = (struct range){ extra[2 * i], extra[2 * i + 1] };
 	for (uint32_t i = 0; i < r->ndom; i++) {
 		const struct hr_domain *d = &r->dom[i];
-		if ((domain >= 0 && d->id != (uint64_t)domain) || !d->ncont)
+		if (!(domain == -1 || (domain >= 0 && d->id == (uint64_t)domain)) || !d->ncont)
 			continue;
 		struct hr_mapping m;
 		uint64_t from = 0;
 		while (k < n && hr_table_next(d->table, from, &m)) {
-			if (has_perm(m.flags) && !(m.flags & HR_MAP_F_MMIO))
+			if (has_perm(m.flags) && !(m.flags & HR_MAP_F_MMIO)) {
 				v[k++] = (struct range){ m.phys, m.phys + (m.end - m.start) };
+				sum += m.end - m.start + 1;
+			}
 			if (m.end == UINT64_MAX)
 				break;
 			from = m.end + 1;
@@ -784,5 +794,7 @@ uint64_t hr_relay_unique_pinned(const hr_relay *r, int64_t domain)
 		}
 	}
 	free(v);
+	if (mapped)
+		*mapped = sum;
 	return total;
 }

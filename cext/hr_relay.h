@@ -105,7 +105,8 @@ void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t
 
 int hr_relay_bench_map_unmap(hr_relay *r, uint32_t domain, uint64_t iova, uint64_t gpa, uint64_t size,
                              uint32_t count, uint32_t spread);
-uint64_t hr_relay_unique_pinned(const hr_relay *r, int64_t domain);
+uint64_t hr_relay_pinned(const hr_relay *r, int64_t domain, const uint64_t *extra, uint32_t nextra,
+                         uint64_t *mapped);
 int hr_status_for_errno(int err);
 
 #endif

@@ -84,9 +84,10 @@ from hostrelay.status import (
     status_for,
 )
 
+from hostrelay.vfio_backend import MemlockBudget, UnmapMismatch, VfioBackend, locked_bytes
+
 if TYPE_CHECKING:
     from hostrelay.vfio import Device
-    from hostrelay.vfio_backend import MemlockBudget, VfioBackend
 
 __all__ = [
     "Backend",
@@ -128,7 +129,6 @@ MAX_WRITABLE = 1 << 20
 DEFAULT_EVENT_LIMIT = 256
 
 _ZERO4 = b"\0" * 4
-_RW = int(MapFlag.READ | MapFlag.WRITE)
 _PAGE = 0x1000
 # The Linux virtio-iommu driver refuses a granule larger than the guest's
 # PAGE_SIZE (viommu_probe: "granule ... larger than system page size"), 4 KiB
@@ -254,12 +254,6 @@ def _subtract(intervals: Iterable[tuple[int, int]], holes: Sequence[tuple[int, i
             pieces = nxt
         out += pieces
     return out
-
-
-def _covered_bytes(intervals: Iterable[tuple[int, int]]) -> int:
-    """Bytes of the union of inclusive intervals, rounded out to whole 4 KiB pages (pins are per page)."""
-    pages = ((s & ~(_PAGE - 1), e | (_PAGE - 1)) for s, e in intervals)
-    return sum(e - s + 1 for s, e in _union(pages))
 
 
 def _check_disjoint(regions: Sequence[ResvMem]) -> None:
@@ -510,8 +504,6 @@ class Relay:
         if limit is None:
             lib.hr_relay_set_memlock(self._c, U64_MAX, 0)
         else:
-            from hostrelay.vfio_backend import locked_bytes
-
             charged = int(lib.hr_relay_charged(self._c))
             lib.hr_relay_set_memlock(self._c, limit, max(locked_bytes() - charged, 0))
 
@@ -527,11 +519,13 @@ class Relay:
         dom.refresh()
         pairs = [v for r in dom.resv for v in (r.start, r.end)]
         lib.hr_relay_domain_set_resv(self._c, dom.id, ffi.new("uint64_t[]", pairs or [0]), len(dom.resv))
-        native = [getattr(b, "c") for b in dom.backends if _is_native(b)]
-        custom = len(native) != len(dom.backends)
+        custom = not all(_is_native(b) for b in dom.backends)
         lib.hr_relay_domain_set_custom(self._c, dom.id, int(custom))
-        lib.hr_relay_domain_set_containers(self._c, dom.id, ffi.new("struct hr_container *[]", native or [ffi.NULL]),
-                                           0 if custom else len(native))  # fmt: skip
+        # Every container C can account for, even in a custom domain (where
+        # C only checks and the caller fans out): the stats read them.
+        counted = [b.c for b in dom.backends if isinstance(b, VfioBackend)]
+        lib.hr_relay_domain_set_containers(self._c, dom.id, ffi.new("struct hr_container *[]", counted or [ffi.NULL]),
+                                           len(counted))  # fmt: skip
 
     def _c_failure(self, res: Any) -> None:
         """Log a kernel failure the C data plane reported and queue its fault events."""
@@ -604,7 +598,6 @@ class Relay:
         :meth:`ack_features`): raises :class:`RuntimeError` afterwards.
         """
         from hostrelay.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, group_of
-        from hostrelay.vfio_backend import MemlockBudget, VfioBackend
 
         dev_root = DEFAULT_DEV_ROOT if dev_root is None else dev_root
         sysfs_root = DEFAULT_SYSFS_ROOT if sysfs_root is None else sysfs_root
@@ -698,8 +691,6 @@ class Relay:
 
     def vfio_backend(self, endpoint_id: int) -> VfioBackend:
         """The container backend of a VFIO endpoint (shared by its group)."""
-        from hostrelay.vfio_backend import VfioBackend
-
         b = self._endpoints[endpoint_id].backend
         if not isinstance(b, VfioBackend):
             raise ValueError(f"endpoint {endpoint_id:#x} is not a VFIO endpoint")
@@ -714,43 +705,39 @@ class Relay:
             self._vfio_devices.clear()
 
     def stats(self) -> dict[str, Any]:
-        """Pinned-page bookkeeping, per domain and in total (computed in Python for now).
+        """Pinned-page bookkeeping, per domain and in total (kept by the C data plane).
 
-        ``pinned_bytes`` counts each host page once however many IOVAs and
+        ``pinned_bytes`` counts each guest page once however many IOVAs and
         containers map it; ``charged_bytes`` is what type1 charges to
         RLIMIT_MEMLOCK (per container and per mapping, so the same page in two
         containers or at two IOVAs counts twice).  ``containers`` has each VFIO
         container's own counters; ``bypass`` the identity maps.
         """
         with self._lock:
+            mapped = ffi.new("uint64_t *")
             domains: dict[int, dict[str, int]] = {}
-            everything: list[tuple[int, int]] = []
             for dom in self._domains.values():
-                n_vfio = sum(1 for b in dom.backends if hasattr(b, "charged"))
-                spans = [(m.phys, m.phys + m.size - 1) for m in dom.table if m.flags & _RW] if n_vfio else []
-                kernel_bytes = sum(e - s + 1 for s, e in spans)
+                n_vfio = sum(1 for b in dom.backends if isinstance(b, VfioBackend))
+                pinned = int(lib.hr_relay_pinned(self._c, dom.id, ffi.NULL, 0, mapped))
                 domains[dom.id] = {
                     "mappings": len(dom.table),
                     "containers": n_vfio,
-                    "pinned_bytes": _covered_bytes(spans),
-                    "charged_bytes": kernel_bytes * n_vfio,
+                    "pinned_bytes": pinned,
+                    "charged_bytes": int(mapped[0]) * n_vfio,
                 }
-                everything += spans
-            identity: list[tuple[int, int]] = []
-            for b in self._vfio.values():
-                identity += [(gpa, gpa + size - 1) for gpa, size in b.identity_pieces()]
-            everything += identity
+            identity = [v for b in self._vfio.values() for gpa, size in b.identity_pieces() for v in (gpa, gpa + size - 1)]
+            extra = ffi.new("uint64_t[]", identity or [0])
             containers = {gid: b.stats() for gid, b in self._vfio.items()}
             return {
                 "domains": domains,
                 "bypass": {
                     "containers": sum(1 for b in self._vfio.values() if b.identity_mapped),
-                    "pinned_bytes": _covered_bytes(identity),
+                    "pinned_bytes": int(lib.hr_relay_pinned(self._c, -2, extra, len(identity) // 2, ffi.NULL)),
                     "charged_bytes": sum(c["identity_bytes"] for c in containers.values()),
                 },
                 "total": {
-                    "pinned_bytes": _covered_bytes(everything),
-                    "charged_bytes": sum(c["charged_bytes"] for c in containers.values()),
+                    "pinned_bytes": int(lib.hr_relay_pinned(self._c, -1, extra, len(identity) // 2, ffi.NULL)),
+                    "charged_bytes": int(lib.hr_relay_charged(self._c)),
                     "entries": sum(c["entries"] for c in containers.values()),
                 },
                 "containers": containers,
@@ -1028,8 +1015,6 @@ class Relay:
             self.dropped_events += 1  # 5.13.6.9: the device may drop events
 
     def _detach(self, ep: _Endpoint, *, sync: bool = True) -> None:
-        from hostrelay.vfio_backend import UnmapMismatch
-
         dom = ep.domain
         assert dom is not None
         b = ep.backend
@@ -1168,8 +1153,6 @@ class Relay:
         container without the mappings, so the others and the table follow
         (all converge on "unmapped") and the mismatch is then reported.
         """
-        from hostrelay.vfio_backend import UnmapMismatch
-
         mismatch: UnmapMismatch | None = None
         done: list[Backend] = []
         for b in dom.backends:
