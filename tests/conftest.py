@@ -47,3 +47,18 @@ def container(vfio_bdf: str) -> Iterator["object"]:
     with Container() as c:
         c.attach(Group.for_device(vfio_bdf))
         yield c
+
+
+@pytest.fixture(params=["handle_request", "ring"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Parametrize a test over the two ways requests reach the relay.
+
+    ``ring`` replaces ``Relay.handle_request`` with a driver that sends the
+    request through the request virtqueue and the C walker (tests/ring_transport.py),
+    so the same assertions check both paths.
+    """
+    if request.param == "ring":
+        from ring_transport import use_ring
+
+        use_ring(monkeypatch)
+    return str(request.param)

@@ -37,14 +37,8 @@ R = int(MapFlag.READ)
 
 
 
-@pytest.fixture(autouse=True, params=["handle_request", "ring"])
-def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs twice: through handle_request and through the C ring walker."""
-    if request.param == "ring":
-        from ring_transport import use_ring
-
-        use_ring(monkeypatch)
-    return str(request.param)
+# Every test runs twice: through handle_request and through the C ring walker.
+pytestmark = pytest.mark.usefixtures("transport")
 
 @pytest.fixture
 def memory() -> Iterator[GuestMemory]:
