@@ -374,6 +374,10 @@ class Relay:
         self._c_tail = ffi.new("uint8_t[4]")
         self._mem_generation = -1
         self._fast = True  # False while every MAP needs a RLIMIT_MEMLOCK refresh first
+        # The memory generation the fast path may run at (-1: never): one
+        # compare on the hot path covers both "C has the current guest RAM
+        # layout" and "no per-MAP memlock refresh is needed".
+        self._fast_generation = -1
         self._queues: dict[int, _Queue] = {}
         self._configure_c()
 
@@ -492,6 +496,7 @@ class Relay:
         if lib.hr_relay_set_memory(self._c, arr, len(regions)) < 0:
             raise ValueError(f"guest memory has more than {lib.HR_GMEM_MAX_REGIONS} regions")
         self._mem_generation = gen
+        self._fast_generation = gen if self._fast else -1
 
     def _sync_memlock(self) -> None:
         """Tell C how much RLIMIT_MEMLOCK is left, as the kernel will count it.
@@ -617,6 +622,7 @@ class Relay:
                     # With CAP_IPC_LOCK type1 checks no limit (Linux >= 3.x
                     # vfio_lock_acct), so there is nothing to refresh per MAP.
                     self._fast = self._budget.lock_cap
+                    self._fast_generation = self._mem_generation if self._fast else -1
                 backend = VfioBackend(self.memory, group_id, budget=self._budget,
                                       dev_root=dev_root, sysfs_root=sysfs_root)  # fmt: skip
             try:
@@ -816,13 +822,14 @@ class Relay:
         0": an unknown type (D-08), a PROBE without F_PROBE (D-36) or a chain
         whose tail cannot be located (5.13.6).  No exception escapes.
         """
-        if type(readable) is bytes and self._fast and self.memory.generation == self._mem_generation:
+        if type(readable) is bytes and self._fast_generation == self.memory.generation:
             # MAP/UNMAP in one C call and nothing else: measured under TCG,
-            # every Python step here costs about as much as a syscall.
+            # every Python step here costs about as much as a syscall.  (No
+            # config freeze here: a MAP/UNMAP can only succeed after an
+            # ATTACH, which took the full path and froze it.)
             lock = self._lock
             lock.acquire()
             try:
-                self._frozen = True  # a driver is talking: the config it read stays
                 rc: int = _relay_fast(self._c, readable, len(readable), writable_len, self._c_result)
                 if 0 <= rc < _FAST_REPORT:
                     return _TAILS[rc]
