@@ -64,6 +64,50 @@ def node_ready(bdf: str) -> Path:
     return node
 
 
+def reload_udev_rules() -> None:
+    """``udevadm control --reload``, then wait until udevd really runs the rules now on disk.
+
+    ``udevadm control --reload`` exiting 0 does not mean udevd reloaded: udevd
+    drops a control message whose SCM_CREDENTIALS do not say uid 0, logging
+    only "Invalid sender uid 65534, ignoring message", and the client never
+    learns (seen in the testbed on the reload sent soon after udevd started).
+    udevd also re-checks the rule files by itself, but only on an event and at
+    most every 3 s, so an event right after a dropped reload runs the old rules.
+    So: add a probe rule (after the caller's rule files) that tags a ``change``
+    event of one PCI device with a fresh token, send that event, and wait for
+    udev's copy of it; without the token udevd still has an older rule set:
+    reload and probe again.  A rule set that has the probe has every file
+    written before it.
+    """
+    import uuid
+
+    import pyudev
+
+    bdf = sorted(p.name for p in Path("/sys/bus/pci/devices").iterdir())[0]
+    token = uuid.uuid4().hex
+    probe = Path("/etc/udev/rules.d/99-hostrelay-test-probe.rules")
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text(f'ACTION=="change", SUBSYSTEM=="pci", KERNEL=="{bdf}", ENV{{HOSTRELAY_TEST_PROBE}}="{token}"\n')
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+    monitor.filter_by("pci")
+    monitor.start()  # before the change event is sent
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            subprocess.run(["udevadm", "control", "--reload"], check=True, env=UDEVD_ENV)
+            Path(f"/sys/bus/pci/devices/{bdf}/uevent").write_text("change")
+            while True:  # udev's copy of our change event (others may come first)
+                dev = monitor.poll(timeout=max(0.0, deadline - time.monotonic()))
+                assert dev is not None, "udevd did not process a change event within 60 s"
+                if dev.action == "change" and dev.sys_name == bdf:
+                    break
+            if dev.properties.get("HOSTRELAY_TEST_PROBE") == token:
+                return
+            assert time.monotonic() < deadline, "udevd did not load the new rules within 60 s"
+    finally:
+        probe.unlink()  # udevd keeps it until its next reload; it only tags that one change event
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
@@ -242,7 +286,7 @@ def test_boot_bind_rule_binds_hotplugged_device(state_dir: Path, udevd: None) ->
     rule_file = Path("/etc/udev/rules.d/60-hostrelay-vfio-bind.rules")
     rule_file.parent.mkdir(parents=True, exist_ok=True)
     rule_file.write_text(rules)
-    subprocess.run(["udevadm", "control", "--reload"], check=True, env=UDEVD_ENV)
+    reload_udev_rules()  # udevd may ignore a bare --reload; the hot-plug must meet the rule
     try:
         before = set(find_pci(*EDU))
         with PciWatcher(Host()) as watcher:
@@ -256,7 +300,7 @@ def test_boot_bind_rule_binds_hotplugged_device(state_dir: Path, udevd: None) ->
         assert Path(f"/sys/bus/pci/devices/{bound}/driver_override").read_text().strip() == "vfio-pci"
     finally:
         rule_file.unlink()
-        subprocess.run(["udevadm", "control", "--reload"], check=True, env=UDEVD_ENV)
+        reload_udev_rules()
     hostrelay("unbind", "--restore", bound, state_dir=state_dir, check=True)
     assert driver_of(bound) is None
 
@@ -294,7 +338,7 @@ def test_udev_group_rule_lets_unprivileged_user_map(state_dir: Path, udevd: None
     rules = hostrelay("udev-rules", "--group", "hrvfio", state_dir=state_dir, check=True).stdout
     Path("/etc/udev/rules.d").mkdir(parents=True, exist_ok=True)
     Path("/etc/udev/rules.d/70-hostrelay-vfio.rules").write_text(rules)
-    subprocess.run(["udevadm", "control", "--reload"], check=True, env=UDEVD_ENV)
+    reload_udev_rules()
 
     edu = lone_edu()
     hostrelay("bind", edu, state_dir=state_dir, check=True)
