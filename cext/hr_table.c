@@ -415,13 +415,43 @@ int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct 
 	return 1;
 }
 
+/* Like hr_remove_key, but only if the node with start == key ends at `end`;
+ * a miss leaves the path untouched (no rebalancing on the way back up). */
+static struct hr_node *hr_remove_exact_node(struct hr_node *n, uint64_t key, uint64_t end,
+                                            struct hr_node **removed)
+{
+	struct hr_node *l, *r, *m;
+
+	if (!n)
+		return NULL;
+	if (key != n->start) {
+		if (key < n->start)
+			n->left = hr_remove_exact_node(n->left, key, end, removed);
+		else
+			n->right = hr_remove_exact_node(n->right, key, end, removed);
+		return *removed ? hr_balance(n) : n;
+	}
+	if (n->end != end)
+		return n;
+	*removed = n;
+	l = n->left;
+	r = n->right;
+	if (!r)
+		return l;
+	r = hr_remove_min(r, &m);
+	m->left = l;
+	m->right = r;
+	return hr_balance(m);
+}
+
 int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end)
 {
 	struct hr_node *removed = NULL;
 
-	if (!hr_table_find_exact(t, start, end, NULL))
+	/* One descent: the common UNMAP names exactly one mapping. */
+	t->root = hr_remove_exact_node(t->root, start, end, &removed);
+	if (!removed)
 		return 0;
-	t->root = hr_remove_key(t->root, start, &removed);
 	hr_node_put(t, removed);
 	t->count--;
 	return 1;
