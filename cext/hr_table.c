@@ -1,234 +1,240 @@
-/* hostrelay: per-domain mapping table (AVL tree keyed by mapping start).
+/* hostrelay: per-domain mapping table (B+ tree keyed by mapping start).
  *
- * See hr_table.h for the contract.  Why AVL: every operation the relay needs
- * (insert, overlap check, point lookup, straddle check, range removal) is a
- * root-to-leaf descent, and AVL's height bound (< 1.45 log2 n) keeps the cost
- * at 64 Ki live mappings within a few node visits of the cost at 16, which
- * is the relay's performance target.  Recursion depth is bounded by that
- * height (< 100 even for 2^64 nodes), so recursion is safe here.
+ * See hr_table.h for the contract.  Why a B+ tree: every operation the relay
+ * needs (insert, overlap check, point lookup, straddle check, range removal)
+ * is a root-to-leaf descent, and what a descent costs at 64 Ki live mappings
+ * is cache misses, one per node visited.  A binary tree visits ~20 nodes
+ * there; with wide nodes the same descent is 3-4 nodes whose keys sit in a
+ * few adjacent cache lines, which keeps the cost at 64 Ki within a small
+ * factor of the cost at 16 (the relay's performance target).
+ *
+ * Layout: leaves hold the mappings in parallel arrays (the start[] array is
+ * what a search reads, so it is dense) and are chained in key order, so
+ * "the next mapping" is usually the next slot and never a second descent.
+ * Inner nodes hold separators: every start in child[i] is < key[i] <= every
+ * start in child[i + 1].  Separators are only bounds, not copies of live
+ * starts, so a removal never has to update them; the price is that a floor
+ * search may land one leaf too far right, which the prev link fixes.
  */
 #include "hr_table.h"
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
-struct hr_node {
-	struct hr_node *left;
-	struct hr_node *right;
-	uint64_t start;
-	uint64_t end;
-	uint64_t phys;
-	uint32_t flags;
-	int height;
+/* 32 mappings (28 bytes each) and 64 children both make a node of about
+ * 1 KiB: wide enough that 64 Ki mappings are 3 inner levels, small enough
+ * that a leaf insert or removal shifts only a few cache lines. */
+#define HR_LEAF_MAX 32
+#define HR_LEAF_MIN (HR_LEAF_MAX / 2)
+#define HR_INNER_MAX 64 /* children */
+#define HR_INNER_MIN (HR_INNER_MAX / 2)
+/* Inner levels: every non-root node is at least half full, so 2^64
+ * mappings fit in 13; the bound is only for the path arrays. */
+#define HR_MAX_DEPTH 16
+/* Recycled nodes kept around (each ~1 KiB, up to 32 mappings): enough
+ * that a MAP/UNMAP burst splitting and merging leaves never mallocs. */
+#define HR_MAX_SPARE 256
+
+struct hr_leaf {
+	uint32_t n;
+	struct hr_leaf *prev;
+	struct hr_leaf *next;
+	uint64_t start[HR_LEAF_MAX];
+	uint64_t end[HR_LEAF_MAX];
+	uint64_t phys[HR_LEAF_MAX];
+	uint32_t flags[HR_LEAF_MAX];
+};
+
+struct hr_inner {
+	uint32_t n; /* children; n - 1 keys */
+	uint64_t key[HR_INNER_MAX - 1];
+	union hr_node *child[HR_INNER_MAX];
+};
+
+/* One allocation size for both kinds, so a single free list serves both. */
+union hr_node {
+	struct hr_leaf leaf;
+	struct hr_inner inner;
+	union hr_node *spare_next;
 };
 
 struct hr_table {
-	struct hr_node *root;
+	union hr_node *root; /* NULL until the first insert */
+	int height;          /* inner levels above the leaves */
 	uint64_t count;
-	/* Recycled nodes (linked through ->left): a MAP/UNMAP burst reuses
-	 * them instead of going through malloc/free for every request. */
-	struct hr_node *spare;
+	/* Recycled nodes (linked through ->spare_next). */
+	union hr_node *spare;
 	uint32_t nspare;
 };
 
-#define HR_MAX_SPARE 4096
+/* The inner nodes a descent went through and the child taken in each. */
+struct hr_path {
+	struct hr_inner *node[HR_MAX_DEPTH];
+	uint32_t idx[HR_MAX_DEPTH];
+};
 
-static struct hr_node *hr_node_get(hr_table *t)
+static union hr_node *hr_node_get(hr_table *t)
 {
-	struct hr_node *n = t->spare;
+	union hr_node *n = t->spare;
 
 	if (n) {
-		t->spare = n->left;
+		t->spare = n->spare_next;
 		t->nspare--;
 		return n;
 	}
 	return malloc(sizeof(*n));
 }
 
-static void hr_node_put(hr_table *t, struct hr_node *n)
+static void hr_node_put(hr_table *t, union hr_node *n)
 {
 	if (t->nspare >= HR_MAX_SPARE) {
 		free(n);
 		return;
 	}
-	n->left = t->spare;
+	n->spare_next = t->spare;
 	t->spare = n;
 	t->nspare++;
 }
 
-static int hr_height(const struct hr_node *n)
+/* Number of keys[0..n) that are <= key (keys sorted, distinct). */
+static uint32_t hr_upper(const uint64_t *keys, uint32_t n, uint64_t key)
 {
-	return n ? n->height : 0;
-}
+	uint32_t lo = 0, hi = n;
 
-static void hr_fix_height(struct hr_node *n)
-{
-	int hl = hr_height(n->left), hr = hr_height(n->right);
-	n->height = 1 + (hl > hr ? hl : hr);
-}
+	while (lo < hi) {
+		uint32_t mid = (lo + hi) / 2;
 
-static struct hr_node *hr_rotate_right(struct hr_node *y)
-{
-	struct hr_node *x = y->left;
-	y->left = x->right;
-	x->right = y;
-	hr_fix_height(y);
-	hr_fix_height(x);
-	return x;
-}
-
-static struct hr_node *hr_rotate_left(struct hr_node *x)
-{
-	struct hr_node *y = x->right;
-	x->right = y->left;
-	y->left = x;
-	hr_fix_height(x);
-	hr_fix_height(y);
-	return y;
-}
-
-/* Restore the AVL invariant at n after one of its subtrees changed height by
- * at most one. */
-static struct hr_node *hr_balance(struct hr_node *n)
-{
-	int bf;
-
-	hr_fix_height(n);
-	bf = hr_height(n->left) - hr_height(n->right);
-	if (bf > 1) {
-		if (hr_height(n->left->left) < hr_height(n->left->right))
-			n->left = hr_rotate_left(n->left);
-		return hr_rotate_right(n);
+		if (keys[mid] <= key)
+			lo = mid + 1;
+		else
+			hi = mid;
 	}
-	if (bf < -1) {
-		if (hr_height(n->right->right) < hr_height(n->right->left))
-			n->right = hr_rotate_right(n->right);
-		return hr_rotate_left(n);
-	}
-	return n;
+	return lo;
 }
 
-/* Insert nn unless it overlaps a mapping, in one descent: the nodes where
- * the path turned right and left last are nn's neighbours in key order, the
- * only ones it can overlap (mappings are disjoint).  On overlap nothing on
- * the path was changed, so the way back up is a no-op. */
-static struct hr_node *hr_insert_node(struct hr_node *root, struct hr_node *nn,
-                                      const struct hr_node *pred, const struct hr_node *succ,
-                                      int *overlap)
+/* Number of keys[0..n) that are < key. */
+static uint32_t hr_lower(const uint64_t *keys, uint32_t n, uint64_t key)
 {
-	if (!root) {
-		if ((pred && pred->end >= nn->start) || (succ && succ->start <= nn->end)) {
-			*overlap = 1;
-			return NULL;
-		}
-		return nn;
+	uint32_t lo = 0, hi = n;
+
+	while (lo < hi) {
+		uint32_t mid = (lo + hi) / 2;
+
+		if (keys[mid] < key)
+			lo = mid + 1;
+		else
+			hi = mid;
 	}
-	if (nn->start == root->start) {
-		*overlap = 1;
-		return root;
-	}
-	if (nn->start < root->start)
-		root->left = hr_insert_node(root->left, nn, pred, root, overlap);
-	else
-		root->right = hr_insert_node(root->right, nn, root, succ, overlap);
-	return *overlap ? root : hr_balance(root);
+	return lo;
 }
 
-static struct hr_node *hr_remove_min(struct hr_node *n, struct hr_node **min)
+/* The leaf whose key range holds `key`, recording the path if asked; NULL
+ * for an empty table. */
+static struct hr_leaf *hr_descend(const hr_table *t, uint64_t key, struct hr_path *p)
 {
-	if (!n->left) {
-		*min = n;
-		return n->right;
-	}
-	n->left = hr_remove_min(n->left, min);
-	return hr_balance(n);
-}
-
-/* Unlink the node whose start == key (it must exist) and return it in
- * *removed; the node itself is not freed here. */
-static struct hr_node *hr_remove_key(struct hr_node *n, uint64_t key,
-                                     struct hr_node **removed)
-{
-	struct hr_node *l, *r, *m;
+	union hr_node *n = t->root;
+	int d;
 
 	if (!n)
 		return NULL;
-	if (key < n->start) {
-		n->left = hr_remove_key(n->left, key, removed);
-	} else if (key > n->start) {
-		n->right = hr_remove_key(n->right, key, removed);
-	} else {
-		*removed = n;
-		l = n->left;
-		r = n->right;
-		if (!r)
-			return l;
-		r = hr_remove_min(r, &m);
-		m->left = l;
-		m->right = r;
-		return hr_balance(m);
-	}
-	return hr_balance(n);
-}
+	for (d = 0; d < t->height; d++) {
+		struct hr_inner *in = &n->inner;
+		uint32_t i = hr_upper(in->key, in->n - 1, key);
 
-/* The mapping with the greatest start <= key, or NULL. */
-static const struct hr_node *hr_floor(const struct hr_node *n, uint64_t key)
-{
-	const struct hr_node *best = NULL;
-
-	while (n) {
-		if (n->start <= key) {
-			best = n;
-			n = n->right;
-		} else {
-			n = n->left;
+		if (p) {
+			p->node[d] = in;
+			p->idx[d] = i;
 		}
+		n = in->child[i];
 	}
-	return best;
+	return &n->leaf;
 }
 
-/* The mapping with the smallest start >= key, or NULL. */
-static const struct hr_node *hr_ceil(const struct hr_node *n, uint64_t key)
-{
-	const struct hr_node *best = NULL;
+/* A position in the leaf chain: slot i of leaf l (l NULL: none). */
+struct hr_pos {
+	const struct hr_leaf *l;
+	uint32_t i;
+};
 
-	while (n) {
-		if (n->start >= key) {
-			best = n;
-			n = n->left;
-		} else {
-			n = n->right;
-		}
-	}
-	return best;
+/* The mapping with the greatest start <= key.  The descent's leaf holds
+ * only starts >= its lower separator (<= key), so if none of them is <= key
+ * the answer is the last slot of the previous leaf. */
+static struct hr_pos hr_floor(const hr_table *t, uint64_t key)
+{
+	const struct hr_leaf *l = hr_descend(t, key, NULL);
+	uint32_t i;
+
+	if (!l)
+		return (struct hr_pos){ NULL, 0 };
+	i = hr_upper(l->start, l->n, key);
+	if (i)
+		return (struct hr_pos){ l, i - 1 };
+	l = l->prev;
+	return (struct hr_pos){ l, l ? l->n - 1 : 0 };
 }
 
-static void hr_free_nodes(struct hr_node *n)
+/* The mapping with the smallest start >= key (the next leaf, if this one
+ * has none, starts above the separator, which is > key). */
+static struct hr_pos hr_ceil(const hr_table *t, uint64_t key)
 {
-	while (n) {
-		struct hr_node *right = n->right;
-		hr_free_nodes(n->left);
-		free(n);
-		n = right;
+	const struct hr_leaf *l = hr_descend(t, key, NULL);
+	uint32_t i;
+
+	if (!l)
+		return (struct hr_pos){ NULL, 0 };
+	i = hr_lower(l->start, l->n, key);
+	if (i < l->n)
+		return (struct hr_pos){ l, i };
+	return (struct hr_pos){ l->next, 0 };
+}
+
+/* Step to the next mapping in key order.  Non-root leaves are never empty,
+ * so slot 0 of the next leaf exists. */
+static struct hr_pos hr_succ(struct hr_pos p)
+{
+	if (++p.i < p.l->n)
+		return p;
+	return (struct hr_pos){ p.l->next, 0 };
+}
+
+static void hr_export(struct hr_pos p, struct hr_mapping *out)
+{
+	out->start = p.l->start[p.i];
+	out->end = p.l->end[p.i];
+	out->phys = p.l->phys[p.i];
+	out->flags = p.l->flags[p.i];
+}
+
+/* Move n mappings from slot si of s to slot di of d (memmove: s may be d). */
+static void hr_leaf_move(struct hr_leaf *d, uint32_t di, const struct hr_leaf *s, uint32_t si,
+                         uint32_t n)
+{
+	memmove(&d->start[di], &s->start[si], n * sizeof(d->start[0]));
+	memmove(&d->end[di], &s->end[si], n * sizeof(d->end[0]));
+	memmove(&d->phys[di], &s->phys[si], n * sizeof(d->phys[0]));
+	memmove(&d->flags[di], &s->flags[si], n * sizeof(d->flags[0]));
+}
+
+static void hr_free_nodes(union hr_node *n, int height)
+{
+	uint32_t i;
+
+	if (height > 0) {
+		for (i = 0; i < n->inner.n; i++)
+			hr_free_nodes(n->inner.child[i], height - 1);
 	}
+	free(n);
 }
 
 static void hr_free_spare(hr_table *t)
 {
 	while (t->spare) {
-		struct hr_node *next = t->spare->left;
+		union hr_node *next = t->spare->spare_next;
 		free(t->spare);
 		t->spare = next;
 	}
 	t->nspare = 0;
-}
-
-static void hr_export(const struct hr_node *n, struct hr_mapping *out)
-{
-	out->start = n->start;
-	out->end = n->end;
-	out->phys = n->phys;
-	out->flags = n->flags;
 }
 
 hr_table *hr_table_new(void)
@@ -240,16 +246,17 @@ void hr_table_free(hr_table *t)
 {
 	if (!t)
 		return;
-	hr_free_nodes(t->root);
-	hr_free_spare(t);
+	hr_table_clear(t);
 	free(t);
 }
 
 void hr_table_clear(hr_table *t)
 {
-	hr_free_nodes(t->root);
+	if (t->root)
+		hr_free_nodes(t->root, t->height);
 	hr_free_spare(t);
 	t->root = NULL;
+	t->height = 0;
 	t->count = 0;
 }
 
@@ -260,60 +267,285 @@ uint64_t hr_table_count(const hr_table *t)
 
 int hr_table_overlaps(const hr_table *t, uint64_t start, uint64_t end)
 {
-	const struct hr_node *n;
+	struct hr_pos p;
 
 	if (start > end)
 		return -EINVAL;
 	/* Mappings are disjoint and sorted, so among those starting at or
 	 * before `end` the last one also ends last: if it does not reach
 	 * `start`, none does. */
-	n = hr_floor(t->root, end);
-	return n && n->end >= start;
+	p = hr_floor(t, end);
+	return p.l && p.l->end[p.i] >= start;
+}
+
+/* Add (key, child) right after child idx of inner node path->node[d],
+ * splitting it (and on up) when full.  A split of the root grows the tree
+ * by one level.  The nodes for every split were taken beforehand, so this
+ * cannot fail half-way. */
+static void hr_inner_insert(hr_table *t, struct hr_path *path, int d, uint64_t key,
+                            union hr_node *child, union hr_node **fresh)
+{
+	for (; d >= 0; d--) {
+		struct hr_inner *in = path->node[d];
+		uint32_t at = path->idx[d] + 1; /* new child's slot */
+		uint64_t keys[HR_INNER_MAX];
+		union hr_node *kids[HR_INNER_MAX + 1];
+		struct hr_inner *right;
+		uint32_t h;
+
+		if (in->n < HR_INNER_MAX) {
+			memmove(&in->key[at], &in->key[at - 1], (in->n - at) * sizeof(in->key[0]));
+			memmove(&in->child[at + 1], &in->child[at], (in->n - at) * sizeof(in->child[0]));
+			in->key[at - 1] = key;
+			in->child[at] = child;
+			in->n++;
+			return;
+		}
+		/* Full: lay out the MAX + 1 children in order, then cut in
+		 * half; the key between the halves moves up. */
+		memcpy(keys, in->key, (at - 1) * sizeof(keys[0]));
+		keys[at - 1] = key;
+		memcpy(&keys[at], &in->key[at - 1], (HR_INNER_MAX - at) * sizeof(keys[0]));
+		memcpy(kids, in->child, at * sizeof(kids[0]));
+		kids[at] = child;
+		memcpy(&kids[at + 1], &in->child[at], (HR_INNER_MAX - at) * sizeof(kids[0]));
+		h = (HR_INNER_MAX + 1) / 2;
+		right = &(*fresh++)->inner;
+		memcpy(in->key, keys, (h - 1) * sizeof(keys[0]));
+		memcpy(in->child, kids, h * sizeof(kids[0]));
+		in->n = h;
+		memcpy(right->key, &keys[h], (HR_INNER_MAX - h) * sizeof(keys[0]));
+		memcpy(right->child, &kids[h], (HR_INNER_MAX + 1 - h) * sizeof(kids[0]));
+		right->n = HR_INNER_MAX + 1 - h;
+		key = keys[h - 1];
+		child = (union hr_node *)right;
+	}
+	/* The root split: a new root over the two halves. */
+	{
+		struct hr_inner *root = &(*fresh)->inner;
+
+		root->n = 2;
+		root->key[0] = key;
+		root->child[0] = t->root;
+		root->child[1] = child;
+		t->root = (union hr_node *)root;
+		t->height++;
+	}
 }
 
 int hr_table_insert(hr_table *t, uint64_t start, uint64_t end, uint64_t phys,
                     uint32_t flags)
 {
-	struct hr_node *nn;
-	int overlap = 0;
+	struct hr_path path;
+	struct hr_leaf *l, *r;
+	union hr_node *fresh[HR_MAX_DEPTH + 2];
+	uint32_t i, nfresh = 0, h;
+	int d;
 
 	if (start > end)
 		return -EINVAL;
-	nn = hr_node_get(t);
-	if (!nn)
-		return -ENOMEM;
-	nn->left = nn->right = NULL;
-	nn->start = start;
-	nn->end = end;
-	nn->phys = phys;
-	nn->flags = flags;
-	nn->height = 1;
-	t->root = hr_insert_node(t->root, nn, NULL, NULL, &overlap);
-	if (overlap) {
-		hr_node_put(t, nn);
-		return -EEXIST;
+	if (!t->root) {
+		t->root = hr_node_get(t);
+		if (!t->root)
+			return -ENOMEM;
+		l = &t->root->leaf;
+		l->n = 0;
+		l->prev = l->next = NULL;
 	}
+	l = hr_descend(t, start, &path);
+	/* The new mapping's neighbours in key order are the only ones it can
+	 * overlap (mappings are disjoint): slot i - 1 (or the previous leaf's
+	 * last) and slot i (or the next leaf's first). */
+	i = hr_lower(l->start, l->n, start);
+	if (i > 0 ? l->end[i - 1] >= start : (l->prev && l->prev->end[l->prev->n - 1] >= start))
+		return -EEXIST;
+	if (i < l->n ? l->start[i] <= end : (l->next && l->next->start[0] <= end))
+		return -EEXIST;
+	if (l->n == HR_LEAF_MAX) {
+		/* Take every node the split can need first (one per full
+		 * level, plus a new root), so an allocation failure leaves
+		 * the tree untouched. */
+		nfresh = 1;
+		for (d = t->height - 1; d >= 0 && path.node[d]->n == HR_INNER_MAX; d--)
+			nfresh++;
+		if (d < 0)
+			nfresh++;
+		for (h = 0; h < nfresh; h++) {
+			fresh[h] = hr_node_get(t);
+			if (!fresh[h]) {
+				while (h--)
+					hr_node_put(t, fresh[h]);
+				return -ENOMEM;
+			}
+		}
+		/* Split the leaf in half and insert into the half that
+		 * covers `start`. */
+		r = &fresh[0]->leaf;
+		h = HR_LEAF_MAX / 2;
+		hr_leaf_move(r, 0, l, h, HR_LEAF_MAX - h);
+		r->n = HR_LEAF_MAX - h;
+		l->n = h;
+		r->next = l->next;
+		r->prev = l;
+		if (l->next)
+			l->next->prev = r;
+		l->next = r;
+		hr_inner_insert(t, &path, t->height - 1, r->start[0], (union hr_node *)r, &fresh[1]);
+		if (i > h) {
+			l = r;
+			i -= h;
+		}
+	}
+	hr_leaf_move(l, i + 1, l, i, l->n - i);
+	l->start[i] = start;
+	l->end[i] = end;
+	l->phys[i] = phys;
+	l->flags[i] = flags;
+	l->n++;
 	t->count++;
 	return 0;
 }
 
+/* Rebalance inner node path->node[d]'s child idx after it lost an entry and
+ * may be under half full; walks up while merges leave parents short.  A
+ * root left with a single child is replaced by it. */
+static void hr_rebalance(hr_table *t, struct hr_path *path, int d)
+{
+	for (; d >= 0; d--) {
+		struct hr_inner *p = path->node[d];
+		uint32_t idx = path->idx[d];
+		int leaves = d == t->height - 1;
+		union hr_node *c = p->child[idx];
+		union hr_node *ls = idx > 0 ? p->child[idx - 1] : NULL;
+		union hr_node *rs = idx + 1 < p->n ? p->child[idx + 1] : NULL;
+		union hr_node *left, *right; /* the pair to merge */
+		uint32_t sep;                /* key index between left and right */
+
+		if (leaves) {
+			struct hr_leaf *cl = &c->leaf;
+
+			if (cl->n >= HR_LEAF_MIN)
+				return;
+			/* Borrow one mapping from a sibling that can spare it;
+			 * the separator becomes the new boundary start. */
+			if (ls && ls->leaf.n > HR_LEAF_MIN) {
+				hr_leaf_move(cl, 1, cl, 0, cl->n);
+				hr_leaf_move(cl, 0, &ls->leaf, ls->leaf.n - 1, 1);
+				ls->leaf.n--;
+				cl->n++;
+				p->key[idx - 1] = cl->start[0];
+				return;
+			}
+			if (rs && rs->leaf.n > HR_LEAF_MIN) {
+				hr_leaf_move(cl, cl->n, &rs->leaf, 0, 1);
+				cl->n++;
+				hr_leaf_move(&rs->leaf, 0, &rs->leaf, 1, rs->leaf.n - 1);
+				rs->leaf.n--;
+				p->key[idx] = rs->leaf.start[0];
+				return;
+			}
+		} else {
+			struct hr_inner *ci = &c->inner;
+
+			if (ci->n >= HR_INNER_MIN)
+				return;
+			/* Rotate one child through the parent's separator. */
+			if (ls && ls->inner.n > HR_INNER_MIN) {
+				struct hr_inner *li = &ls->inner;
+
+				memmove(&ci->key[1], &ci->key[0], (ci->n - 1) * sizeof(ci->key[0]));
+				memmove(&ci->child[1], &ci->child[0], ci->n * sizeof(ci->child[0]));
+				ci->key[0] = p->key[idx - 1];
+				ci->child[0] = li->child[li->n - 1];
+				ci->n++;
+				p->key[idx - 1] = li->key[li->n - 2];
+				li->n--;
+				return;
+			}
+			if (rs && rs->inner.n > HR_INNER_MIN) {
+				struct hr_inner *ri = &rs->inner;
+
+				ci->key[ci->n - 1] = p->key[idx];
+				ci->child[ci->n] = ri->child[0];
+				ci->n++;
+				p->key[idx] = ri->key[0];
+				memmove(&ri->key[0], &ri->key[1], (ri->n - 2) * sizeof(ri->key[0]));
+				memmove(&ri->child[0], &ri->child[1], (ri->n - 1) * sizeof(ri->child[0]));
+				ri->n--;
+				return;
+			}
+		}
+		/* Neither sibling can spare one: merge with one of them (both
+		 * at the minimum, so the pair fits in one node). */
+		if (ls) {
+			left = ls;
+			right = c;
+			sep = idx - 1;
+		} else if (rs) {
+			left = c;
+			right = rs;
+			sep = idx;
+		} else {
+			return; /* only child: p is the root, handled below */
+		}
+		if (leaves) {
+			struct hr_leaf *ll = &left->leaf, *rl = &right->leaf;
+
+			hr_leaf_move(ll, ll->n, rl, 0, rl->n);
+			ll->n += rl->n;
+			ll->next = rl->next;
+			if (rl->next)
+				rl->next->prev = ll;
+		} else {
+			struct hr_inner *li = &left->inner, *ri = &right->inner;
+
+			li->key[li->n - 1] = p->key[sep];
+			memcpy(&li->key[li->n], ri->key, (ri->n - 1) * sizeof(ri->key[0]));
+			memcpy(&li->child[li->n], ri->child, ri->n * sizeof(ri->child[0]));
+			li->n += ri->n;
+		}
+		hr_node_put(t, right);
+		/* Drop separator sep and child sep + 1 (the right one). */
+		memmove(&p->key[sep], &p->key[sep + 1], (p->n - 2 - sep) * sizeof(p->key[0]));
+		memmove(&p->child[sep + 1], &p->child[sep + 2], (p->n - 2 - sep) * sizeof(p->child[0]));
+		p->n--;
+	}
+	if (t->height > 0 && t->root->inner.n == 1) {
+		union hr_node *old = t->root;
+
+		t->root = old->inner.child[0];
+		t->height--;
+		hr_node_put(t, old);
+	}
+}
+
+/* Remove slot i of leaf l, reached through path. */
+static void hr_remove_at(hr_table *t, struct hr_path *path, struct hr_leaf *l, uint32_t i)
+{
+	hr_leaf_move(l, i, l, i + 1, l->n - i - 1);
+	l->n--;
+	t->count--;
+	if (t->height > 0 && l->n < HR_LEAF_MIN)
+		hr_rebalance(t, path, t->height - 1);
+}
+
 int hr_table_lookup(const hr_table *t, uint64_t addr, struct hr_mapping *out)
 {
-	const struct hr_node *n = hr_floor(t->root, addr);
+	struct hr_pos p = hr_floor(t, addr);
 
-	if (!n || n->end < addr)
+	if (!p.l || p.l->end[p.i] < addr)
 		return 0;
-	hr_export(n, out);
+	hr_export(p, out);
 	return 1;
 }
 
 int hr_table_next(const hr_table *t, uint64_t from, struct hr_mapping *out)
 {
-	const struct hr_node *n = hr_ceil(t->root, from);
+	struct hr_pos p = hr_ceil(t, from);
 
-	if (!n)
+	if (!p.l)
 		return 0;
-	hr_export(n, out);
+	hr_export(p, out);
 	return 1;
 }
 
@@ -321,17 +553,13 @@ size_t hr_table_dump(const hr_table *t, uint64_t from, struct hr_mapping *out,
                      size_t cap)
 {
 	size_t i = 0;
-	const struct hr_node *n;
+	struct hr_pos p;
 
-	while (i < cap) {
-		n = hr_ceil(t->root, from);
-		if (!n)
-			break;
-		hr_export(n, &out[i++]);
-		if (n->end == UINT64_MAX)
-			break; /* the next `from` would wrap to 0 */
-		from = n->end + 1;
-	}
+	if (!cap)
+		return 0;
+	/* One descent, then along the leaf chain. */
+	for (p = hr_ceil(t, from); p.l && i < cap; p = hr_succ(p))
+		hr_export(p, &out[i++]);
 	return i;
 }
 
@@ -340,56 +568,76 @@ size_t hr_table_dump(const hr_table *t, uint64_t from, struct hr_mapping *out,
  * stick out; every mapping strictly between them is covered. */
 static int hr_straddles(const hr_table *t, uint64_t start, uint64_t end)
 {
-	const struct hr_node *lo = hr_floor(t->root, start);
-	const struct hr_node *hi = hr_floor(t->root, end);
+	struct hr_pos lo = hr_floor(t, start);
+	struct hr_pos hi;
 
-	if (lo && lo->start < start && lo->end >= start)
+	if (lo.l && lo.l->start[lo.i] < start && lo.l->end[lo.i] >= start)
 		return 1;
-	/* hi->start <= end; it intersects the range iff hi->end >= start, and
-	 * since end >= start, hi->end > end implies both. */
-	if (hi && hi->end > end)
+	hi = hr_floor(t, end);
+	/* hi's start <= end; it intersects the range iff its end >= start,
+	 * and since end >= start, an end > `end` implies both. */
+	if (hi.l && hi.l->end[hi.i] > end)
 		return 1;
 	return 0;
 }
 
 int64_t hr_table_check_range(const hr_table *t, uint64_t start, uint64_t end)
 {
-	const struct hr_node *n;
+	struct hr_pos p;
 	int64_t covered = 0;
-	uint64_t from = start;
 
 	if (start > end)
 		return -EINVAL;
 	if (hr_straddles(t, start, end))
 		return -ERANGE;
-	while ((n = hr_ceil(t->root, from)) && n->start <= end) {
+	for (p = hr_ceil(t, start); p.l && p.l->start[p.i] <= end; p = hr_succ(p))
 		covered++;
-		if (n->end == UINT64_MAX)
-			break;
-		from = n->end + 1;
-	}
 	return covered;
 }
 
 int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end)
 {
-	const struct hr_node *n;
-	struct hr_node *removed;
+	struct hr_path path;
+	struct hr_leaf *l;
 	int64_t count = 0;
+	uint32_t i;
 
 	if (start > end)
 		return -EINVAL;
+	/* The common UNMAP names exactly one mapping: if the first mapping at
+	 * or after `start` is exactly [start, end], nothing else can intersect
+	 * the range, so it goes in the one descent that found it. */
+	l = hr_descend(t, start, &path);
+	if (l) {
+		i = hr_lower(l->start, l->n, start);
+		if (i < l->n && l->start[i] == start && l->end[i] == end) {
+			hr_remove_at(t, &path, l, i);
+			return 1;
+		}
+	}
 	/* Check everything before touching anything: D-32 says a straddled
 	 * mapping fails the whole request with nothing removed. */
 	if (hr_straddles(t, start, end))
 		return -ERANGE;
-	while ((n = hr_ceil(t->root, start)) && n->start <= end) {
-		uint64_t n_end = n->end;
+	/* One descent per removed mapping: a merge below may move the next
+	 * one to another leaf, so the path is taken afresh each time.  The
+	 * descent for `start` lands on the leaf holding the first covered
+	 * mapping, or on the one before it (then it is the next leaf's
+	 * first: descend again for that start). */
+	while ((l = hr_descend(t, start, &path))) {
+		uint64_t n_end;
 
-		removed = NULL;
-		t->root = hr_remove_key(t->root, n->start, &removed);
-		hr_node_put(t, removed);
-		t->count--;
+		i = hr_lower(l->start, l->n, start);
+		if (i == l->n) {
+			if (!l->next || l->next->start[0] > end)
+				break;
+			start = l->next->start[0];
+			continue;
+		}
+		if (l->start[i] > end)
+			break;
+		n_end = l->end[i];
+		hr_remove_at(t, &path, l, i);
 		count++;
 		/* Covered mappings end inside the range; one ending at `end`
 		 * is the last, which saves a descent in the common exact UNMAP. */
@@ -400,98 +648,76 @@ int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end)
 	return count;
 }
 
-/* The common UNMAP names exactly one mapping: find it in one descent.
+/* The common UNMAP names exactly one mapping: find it in one descent (its
+ * start is a live key, so it is in the descent's leaf, never a neighbour).
  * Then no other mapping can intersect [start, end] (they are disjoint). */
 int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
 {
-	const struct hr_node *n = t->root;
+	const struct hr_leaf *l = hr_descend(t, start, NULL);
+	uint32_t i;
 
-	while (n && n->start != start)
-		n = start < n->start ? n->left : n->right;
-	if (!n || n->end != end)
+	if (!l)
+		return 0;
+	i = hr_lower(l->start, l->n, start);
+	if (i == l->n || l->start[i] != start || l->end[i] != end)
 		return 0;
 	if (out)
-		hr_export(n, out);
+		hr_export((struct hr_pos){ l, i }, out);
 	return 1;
-}
-
-/* Like hr_remove_key, but only if the node with start == key ends at `end`;
- * a miss leaves the path untouched (no rebalancing on the way back up). */
-static struct hr_node *hr_remove_exact_node(struct hr_node *n, uint64_t key, uint64_t end,
-                                            struct hr_node **removed)
-{
-	struct hr_node *l, *r, *m;
-
-	if (!n)
-		return NULL;
-	if (key != n->start) {
-		if (key < n->start)
-			n->left = hr_remove_exact_node(n->left, key, end, removed);
-		else
-			n->right = hr_remove_exact_node(n->right, key, end, removed);
-		return *removed ? hr_balance(n) : n;
-	}
-	if (n->end != end)
-		return n;
-	*removed = n;
-	l = n->left;
-	r = n->right;
-	if (!r)
-		return l;
-	r = hr_remove_min(r, &m);
-	m->left = l;
-	m->right = r;
-	return hr_balance(m);
 }
 
 int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end)
 {
-	struct hr_node *removed = NULL;
+	struct hr_path path;
+	struct hr_leaf *l = hr_descend(t, start, &path);
+	uint32_t i;
 
 	/* One descent: the common UNMAP names exactly one mapping. */
-	t->root = hr_remove_exact_node(t->root, start, end, &removed);
-	if (!removed)
+	if (!l)
 		return 0;
-	hr_node_put(t, removed);
-	t->count--;
+	i = hr_lower(l->start, l->n, start);
+	if (i == l->n || l->start[i] != start || l->end[i] != end)
+		return 0;
+	hr_remove_at(t, &path, l, i);
 	return 1;
 }
 
 int hr_table_translate(const hr_table *t, uint64_t iova, uint64_t size,
                        uint32_t need, uint64_t *gpa, uint64_t *fault_addr)
 {
-	const struct hr_node *n;
-	uint64_t last, next_phys;
+	struct hr_pos p;
+	uint64_t last;
 
 	if (size == 0 || iova > UINT64_MAX - (size - 1))
 		return -EINVAL;
 	last = iova + (size - 1);
-	n = hr_floor(t->root, iova);
-	if (!n || n->end < iova) {
+	p = hr_floor(t, iova);
+	if (!p.l || p.l->end[p.i] < iova) {
 		*fault_addr = iova;
 		return -ENOENT;
 	}
-	if ((n->flags & need) != need) {
+	if ((p.l->flags[p.i] & need) != need) {
 		*fault_addr = iova;
 		return -EACCES;
 	}
-	*gpa = n->phys + (iova - n->start);
+	*gpa = p.l->phys[p.i] + (iova - p.l->start[p.i]);
 	/* Walk on while the span extends past this mapping: the next mapping
 	 * must start right after it (no IOVA hole) and continue its GPA range
 	 * (a GPA jump cannot be returned as one address). */
-	while (last > n->end) {
-		uint64_t next_iova = n->end + 1; /* n->end < last: no wrap */
-		next_phys = n->phys + (n->end - n->start) + 1;
-		n = hr_floor(t->root, next_iova);
-		if (!n || n->start != next_iova) {
+	while (last > p.l->end[p.i]) {
+		uint64_t next_iova = p.l->end[p.i] + 1; /* end < last: no wrap */
+		uint64_t next_phys = p.l->phys[p.i] + (p.l->end[p.i] - p.l->start[p.i]) + 1;
+
+		p = hr_succ(p);
+		if (!p.l || p.l->start[p.i] != next_iova) {
 			*fault_addr = next_iova;
 			return -ENOENT;
 		}
-		if ((n->flags & need) != need) {
+		if ((p.l->flags[p.i] & need) != need) {
 			*fault_addr = next_iova;
 			return -EACCES;
 		}
-		if (n->phys != next_phys) {
+		if (p.l->phys[p.i] != next_phys) {
 			*fault_addr = next_iova;
 			return -EXDEV;
 		}

@@ -10,7 +10,7 @@
  * Ends are inclusive everywhere, exactly as on the wire: the whole 64-bit
  * space is [0, UINT64_MAX] and its size (2^64) is never computed.
  *
- * The table is an AVL tree whose nodes are malloc'd by the table itself; it
+ * The table is a B+ tree whose nodes are malloc'd by the table itself; it
  * holds no Python objects, so a C virtqueue walker can drive it directly.
  * Not thread-safe: the caller serialises requests (virtio processes a queue
  * in order anyway).  Every function returns >= 0 on success and -errno on

@@ -75,7 +75,7 @@ def _check_range(start: int, end: int) -> None:
 
 
 class MappingTable:
-    """A domain's IOVA→GPA mappings, stored in an AVL tree in C.
+    """A domain's IOVA→GPA mappings, stored in a B+ tree in C.
 
     Every operation is O(log n) (range removal O(k log n) for k removed
     mappings).  Refusals raise a :class:`TableError` subclass and leave the

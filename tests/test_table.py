@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
+import errno
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -232,3 +235,264 @@ def test_table_matches_list_model(script: list[tuple[str, int, int]]) -> None:
                 assert (got.start, got.end, got.phys) == hit[0]
         assert [(m.start, m.end, m.phys) for m in t] == sorted(model.maps)
         assert len(t) == len(model.maps)
+
+
+# --- differential: the table against a sorted list, at B+ tree sizes ---------------------
+
+
+class SortedModel:
+    """Every table operation over a sorted list of (start, end, phys, flags)."""
+
+    def __init__(self) -> None:
+        self.maps: list[tuple[int, int, int, int]] = []
+        self.starts: list[int] = []
+
+    def _floor(self, addr: int) -> int:
+        return bisect.bisect_right(self.starts, addr) - 1
+
+    def insert(self, s: int, e: int, p: int, f: int) -> bool:
+        i = bisect.bisect_left(self.starts, s)
+        if i > 0 and self.maps[i - 1][1] >= s:
+            return False
+        if i < len(self.maps) and self.maps[i][0] <= e:
+            return False
+        self.maps.insert(i, (s, e, p, f))
+        self.starts.insert(i, s)
+        return True
+
+    def overlaps(self, s: int, e: int) -> bool:
+        i = self._floor(e)
+        return i >= 0 and self.maps[i][1] >= s
+
+    def lookup(self, addr: int) -> tuple[int, int, int, int] | None:
+        i = self._floor(addr)
+        return self.maps[i] if i >= 0 and self.maps[i][1] >= addr else None
+
+    def next(self, addr: int) -> tuple[int, int, int, int] | None:
+        i = bisect.bisect_left(self.starts, addr)
+        return self.maps[i] if i < len(self.maps) else None
+
+    def check_range(self, s: int, e: int) -> tuple[int, int] | None:
+        """(first index, count) of the covered mappings, None on a straddle."""
+        lo = bisect.bisect_left(self.starts, s)
+        hi = bisect.bisect_right(self.starts, e)
+        if lo > 0 and self.maps[lo - 1][1] >= s:
+            return None
+        if hi > lo and self.maps[hi - 1][1] > e:
+            return None
+        return lo, hi - lo
+
+    def remove_range(self, s: int, e: int) -> int | None:
+        r = self.check_range(s, e)
+        if r is None:
+            return None
+        lo, n = r
+        del self.maps[lo : lo + n]
+        del self.starts[lo : lo + n]
+        return n
+
+    def find_exact(self, s: int, e: int) -> int | None:
+        i = bisect.bisect_left(self.starts, s)
+        if i < len(self.maps) and self.maps[i][0] == s and self.maps[i][1] == e:
+            return i
+        return None
+
+    def translate(self, iova: int, size: int, need: int) -> tuple[str, int]:
+        last = iova + size - 1
+        i = self._floor(iova)
+        if i < 0 or self.maps[i][1] < iova:
+            return "unmapped", iova
+        s, e, p, f = self.maps[i]
+        if f & need != need:
+            return "permission", iova
+        gpa = p + (iova - s)
+        while last > e:
+            nxt, nphys = e + 1, p + (e - s) + 1
+            i += 1
+            if i == len(self.maps) or self.maps[i][0] != nxt:
+                return "unmapped", nxt
+            s, e, p, f = self.maps[i]
+            if f & need != need:
+                return "permission", nxt
+            if p != nphys:
+                return "discontiguous", nxt
+        return "ok", gpa
+
+
+def _as_tuple(m: Any) -> tuple[int, int, int, int]:
+    return (int(m.start), int(m.end), int(m.phys), int(m.flags))
+
+
+def test_table_matches_sorted_model_at_scale() -> None:
+    """Thousands of random operations, grown to ~5000 mappings and shrunk again
+    (many leaf and inner splits, borrows and merges), every result and the
+    full contents compared with a plain sorted list."""
+    rnd = random.Random(20260521)
+    t = MappingTable()
+    ptr = t.ptr
+    model = SortedModel()
+    out = ffi.new("struct hr_mapping *")
+    gpa = ffi.new("uint64_t *")
+    fault = ffi.new("uint64_t *")
+    page = 0x1000
+    dense_base = 1 << 40
+
+    def rand_range() -> tuple[int, int]:
+        kind = rnd.random()
+        if kind < 0.45:  # clustered: 4 KiB pages, often adjacent
+            s = dense_base + rnd.randrange(16000) * page
+            return s, s + rnd.choice((1, 1, 1, 2, 3)) * page - 1
+        if kind < 0.65:  # spread over the whole space
+            s = rnd.randrange(1 << 64)
+            return s, min(U64_MAX, s + rnd.randrange(1 << rnd.randrange(1, 44)))
+        if kind < 0.8:  # touching 0
+            s = rnd.randrange(64) * page
+            return s, s + rnd.randrange(1, 3) * page - 1
+        if kind < 0.95:  # touching 2^64 - 1
+            e = U64_MAX - rnd.randrange(64) * page
+            return e - rnd.randrange(1, 3) * page + 1, e
+        s = rnd.randrange(1 << 64)  # tiny, anywhere
+        return s, s + rnd.randrange(min(4, U64_MAX - s + 1))
+
+    def rand_addr() -> int:
+        if model.maps and rnd.random() < 0.6:
+            s, e, _, _ = rnd.choice(model.maps)
+            return rnd.choice((s, e, s - 1 if s else 0, min(U64_MAX, e + 1), (s + e) // 2))
+        return rand_range()[0]
+
+    def compare_all() -> None:
+        assert [_as_tuple(m) for m in t] == model.maps
+        assert len(t) == len(model.maps)
+
+    def do_insert() -> None:
+        s, e = rand_range()
+        # Mostly GPA-contiguous with the IOVA so adjacent pages can be spanned.
+        p = s - dense_base + 0x10000 if rnd.random() < 0.8 else rnd.randrange(1 << 52)
+        p &= U64_MAX
+        f = rnd.choice((1, 2, 3, 3, 3))
+        ok = model.insert(s, e, p, f)
+        assert lib.hr_table_insert(ptr, s, e, p, f) == (0 if ok else -errno.EEXIST)
+
+    def do_remove_range() -> None:
+        if model.maps and rnd.random() < 0.5:
+            # Whole runs of neighbours, from one to a few hundred mappings.
+            i = rnd.randrange(len(model.maps))
+            j = min(len(model.maps) - 1, i + rnd.choice((0, 1, 5, 50, 300)))
+            s, e = model.maps[i][0], model.maps[j][1]
+            s -= rnd.choice((0, 0, 1)) if s else 0
+            e += rnd.choice((0, 0, 1)) if e < U64_MAX else 0
+        else:
+            s = rand_addr()
+            e = min(U64_MAX, s + rnd.randrange(1 << rnd.randrange(1, 22)))
+        n = model.remove_range(s, e)
+        assert lib.hr_table_remove_range(ptr, s, e) == (-errno.ERANGE if n is None else n)
+
+    def do_remove_exact() -> None:
+        if model.maps and rnd.random() < 0.8:
+            s, e, _, _ = rnd.choice(model.maps)
+            e = e if rnd.random() < 0.9 else e - 1 if e > s else e + 1
+        else:
+            s, e = rand_range()
+        i = model.find_exact(s, e)
+        expect = None if i is None else model.maps[i]
+        if lib.hr_table_find_exact(ptr, s, e, out):
+            assert _as_tuple(out) == expect
+        else:
+            assert expect is None
+        assert lib.hr_table_find_exact(ptr, s, e, ffi.NULL) == (expect is not None)
+        assert lib.hr_table_remove_exact(ptr, s, e) == (expect is not None)
+        if i is not None:
+            del model.maps[i]
+            del model.starts[i]
+
+    def do_queries() -> None:
+        a = rand_addr()
+        m = model.lookup(a)
+        assert (lib.hr_table_lookup(ptr, a, out) == 1) == (m is not None)
+        if m is not None:
+            assert _as_tuple(out) == m
+        m = model.next(a)
+        assert (lib.hr_table_next(ptr, a, out) == 1) == (m is not None)
+        if m is not None:
+            assert _as_tuple(out) == m
+        s, e = a, min(U64_MAX, a + rnd.randrange(1 << rnd.randrange(1, 36)))
+        assert lib.hr_table_overlaps(ptr, s, e) == model.overlaps(s, e)
+        r = model.check_range(s, e)
+        assert lib.hr_table_check_range(ptr, s, e) == (-errno.ERANGE if r is None else r[1])
+        size = rnd.choice((1, 8, page, 3 * page, 8 * page, 1 << 20))
+        iova = min(a, U64_MAX - size + 1)
+        need = rnd.choice((1, 2, 3))
+        kind, value = model.translate(iova, size, need)
+        rc = lib.hr_table_translate(ptr, iova, size, need, gpa, fault)
+        codes = {"ok": 0, "unmapped": -errno.ENOENT, "permission": -errno.EACCES, "discontiguous": -errno.EXDEV}
+        assert rc == codes[kind]
+        assert (gpa[0] if rc == 0 else fault[0]) == value
+        n = rnd.choice((1, 7, 40))
+        buf = ffi.new("struct hr_mapping[]", n)
+        got = lib.hr_table_dump(ptr, a, buf, n)
+        i = bisect.bisect_left(model.starts, a)
+        assert [_as_tuple(buf[k]) for k in range(got)] == model.maps[i : i + n]
+
+    # (insert, remove_range, remove_exact, queries) weights per phase.
+    phases = [
+        ((95, 0.3, 2, 15), 10000),  # grow to ~5000 mappings
+        ((45, 0.5, 25, 20), 6000),  # churn near the top
+        ((5, 5, 50, 20), 6000),  # shrink: merges up the tree
+        ((80, 1, 10, 20), 5000),  # grow again over the recycled nodes
+    ]
+    ops = (do_insert, do_remove_range, do_remove_exact, do_queries)
+    peak = 0
+    sizes = []
+    for weights, count in phases:
+        for k in range(count):
+            rnd.choices(ops, weights)[0]()
+            peak = max(peak, len(model.maps))
+            if k % 500 == 499:
+                compare_all()
+        compare_all()
+        sizes.append(len(model.maps))
+    assert peak > 4000 and min(sizes) < 1000, (peak, sizes)
+    # Emptying through range removal and refilling still agrees.
+    assert lib.hr_table_remove_range(ptr, 0, U64_MAX) == len(model.maps)
+    model = SortedModel()
+    compare_all()
+    for i in range(3000):
+        s = (i * 7919 % 3000) * page
+        assert model.insert(s, s + page - 1, s, 3)
+        assert lib.hr_table_insert(ptr, s, s + page - 1, s, 3) == 0
+    compare_all()
+    assert t.translate(0, 3000 * page, 3) == 0
+    for i in range(0, 3000, 2):
+        assert lib.hr_table_remove_exact(ptr, i * page, i * page + page - 1) == 1
+    assert [m.start for m in t] == [i * page for i in range(1, 3000, 2)]
+
+
+def test_deep_tree_random_order_build_and_teardown() -> None:
+    """Enough mappings for several inner levels (inner splits, borrows and
+    merges, root growth and collapse), checked against a plain set."""
+    rnd = random.Random(7)
+    t = MappingTable()
+    ptr = t.ptr
+    out = ffi.new("struct hr_mapping *")
+    page = 0x1000
+    n = 120_000
+    order = list(range(n))
+    rnd.shuffle(order)
+    for k in order:
+        assert lib.hr_table_insert(ptr, 2 * k * page, 2 * k * page + page - 1, k, 3) == 0
+    live = set(order)
+    assert [m.phys for m in t] == sorted(live)
+    rnd.shuffle(order)
+    for step, k in enumerate(order[: n - 50]):
+        if step % 3:
+            assert lib.hr_table_remove_exact(ptr, 2 * k * page, 2 * k * page + page - 1) == 1
+        else:
+            # The covering range includes the holes on both sides.
+            assert lib.hr_table_remove_range(ptr, (2 * k - 1) * page if k else 0, (2 * k + 2) * page - 1) == 1
+        live.discard(k)
+        if step % 20_000 == 0:
+            assert [m.phys for m in t] == sorted(live)
+            assert lib.hr_table_lookup(ptr, 2 * k * page, out) == 0
+    assert [m.phys for m in t] == sorted(live)
+    assert lib.hr_table_remove_range(ptr, 0, U64_MAX) == 50
+    assert len(t) == 0 and list(t) == []
