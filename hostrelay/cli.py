@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,7 @@ def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports
     if result.timed_out:
         log(f"testbed: timed out after {timeout:.0f} s")
     else:
-        log(f"testbed: {shlex_join(cmd)} exited {result.returncode} (boot {result.boot_seconds or 0:.1f} s, "
+        log(f"testbed: {shlex.join(cmd)} exited {result.returncode} (boot {result.boot_seconds or 0:.1f} s, "
             f"total {result.wall_seconds:.1f} s)")  # fmt: skip
     sys.exit(result.returncode)
 
@@ -326,12 +327,6 @@ def udev_rules_cmd(unix_group: str | None, mode: str, selectors: tuple[str, ...]
         click.echo(rules_text(unix_group, selectors, mode), nl=False)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-
-
-def shlex_join(cmd: tuple[str, ...]) -> str:
-    import shlex
-
-    return shlex.join(cmd)
 
 
 if __name__ == "__main__":

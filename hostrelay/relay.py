@@ -618,7 +618,7 @@ class Relay:
             new = backend is None
             if backend is None:
                 if self._budget is None:
-                    self._budget = MemlockBudget(relay=self._c)
+                    self._budget = MemlockBudget(self._c)
                     # With CAP_IPC_LOCK type1 checks no limit (Linux >= 3.x
                     # vfio_lock_acct), so there is nothing to refresh per MAP.
                     self._fast = self._budget.lock_cap
@@ -1074,8 +1074,7 @@ class Relay:
 
     # MAP (5.13.6.5) and UNMAP (5.13.6.6): checked and executed in C
     def _map_unmap(self, readable: bytes, writable_len: int) -> bytes:
-        if self.memory.generation != self._mem_generation:
-            self._sync_memory()
+        self._sync_memory()
         if self._budget is not None:
             self._sync_memlock()
         res = self._c_result
@@ -1236,8 +1235,7 @@ class Relay:
             if index == 1:
                 return self._fill_events(q)
             self._frozen = True
-            if self.memory.generation != self._mem_generation:
-                self._sync_memory()
+            self._sync_memory()
             if not self._fast:
                 self._sync_memlock()
             q.completed[0] = 0

@@ -106,28 +106,16 @@ class MemlockBudget:
     counts it; with CAP_IPC_LOCK or an infinite limit it costs nothing.
     """
 
-    def __init__(self, *, status_path: str = "/proc/self/status", relay: Any = None) -> None:
+    def __init__(self, relay: Any, *, status_path: str = "/proc/self/status") -> None:
         self._status_path = status_path
         self.lock_cap = has_cap_ipc_lock(status_path)
         # The C data plane (struct hr_relay) keeps the one running total of
-        # what this relay's containers charged; without one, a local count.
+        # what this relay's containers charged.
         self.relay = relay
-        self._charged = 0
-
-    @property
-    def charged(self) -> int:
-        """Bytes charged by this relay's containers, all together."""
-        return int(lib.hr_relay_charged(self.relay)) if self.relay is not None else self._charged
 
     def account(self, container: Any, entries: int, charged: int) -> None:
         """Record ``entries`` vfio_dma objects and ``charged`` bytes (negative: removed)."""
-        if self.relay is not None:
-            lib.hr_relay_account(self.relay, container, entries, charged)
-            return
-        container.avail -= entries
-        container.entries += entries
-        container.charged += charged
-        self._charged += charged
+        lib.hr_relay_account(self.relay, container, entries, charged)
 
     def refresh(self) -> None:
         """Re-read CAP_IPC_LOCK."""
@@ -223,13 +211,13 @@ class VfioBackend:
         memory: GuestMemory,
         group_id: int,
         *,
-        budget: MemlockBudget | None = None,
+        budget: MemlockBudget,
         dev_root: Path = DEFAULT_DEV_ROOT,
         sysfs_root: Path = DEFAULT_SYSFS_ROOT,
     ) -> None:
         self.memory = memory
         self.group_id = group_id
-        self.budget = budget if budget is not None else MemlockBudget()
+        self.budget = budget
         self.container = Container(dev_root)
         try:
             self.group = Group(group_id, dev_root)
