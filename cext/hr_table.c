@@ -66,7 +66,16 @@ struct hr_table {
 	/* Recycled nodes (linked through ->spare_next). */
 	union hr_node *spare;
 	uint32_t nspare;
+	/* Where hr_table_find_mark last found its mapping; any change to the
+	 * tree clears it (hr_unmark), so it is either exact or NULL. */
+	struct hr_leaf *mark;
+	uint32_t mark_i;
 };
+
+static void hr_unmark(hr_table *t)
+{
+	t->mark = NULL;
+}
 
 /* The inner nodes a descent went through and the child taken in each. */
 struct hr_path {
@@ -210,6 +219,8 @@ static void hr_export(struct hr_pos p, struct hr_mapping *out)
 static void hr_leaf_move(struct hr_leaf *d, uint32_t di, const struct hr_leaf *s, uint32_t si,
                          uint32_t n)
 {
+	if (!n)
+		return; /* the common append at the end / removal of the last slot */
 	memmove(&d->start[di], &s->start[si], n * sizeof(d->start[0]));
 	memmove(&d->end[di], &s->end[si], n * sizeof(d->end[0]));
 	memmove(&d->phys[di], &s->phys[si], n * sizeof(d->phys[0]));
@@ -252,6 +263,7 @@ void hr_table_free(hr_table *t)
 
 void hr_table_clear(hr_table *t)
 {
+	hr_unmark(t);
 	if (t->root)
 		hr_free_nodes(t->root, t->height);
 	hr_free_spare(t);
@@ -344,6 +356,7 @@ int hr_table_insert(hr_table *t, uint64_t start, uint64_t end, uint64_t phys,
 
 	if (start > end)
 		return -EINVAL;
+	hr_unmark(t);
 	if (!t->root) {
 		t->root = hr_node_get(t);
 		if (!t->root)
@@ -522,6 +535,7 @@ static void hr_rebalance(hr_table *t, struct hr_path *path, int d)
 /* Remove slot i of leaf l, reached through path. */
 static void hr_remove_at(hr_table *t, struct hr_path *path, struct hr_leaf *l, uint32_t i)
 {
+	hr_unmark(t);
 	hr_leaf_move(l, i, l, i + 1, l->n - i - 1);
 	l->n--;
 	t->count--;
@@ -650,27 +664,59 @@ int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end)
 
 /* The common UNMAP names exactly one mapping: find it in one descent (its
  * start is a live key, so it is in the descent's leaf, never a neighbour).
- * Then no other mapping can intersect [start, end] (they are disjoint). */
-int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
+ * Then no other mapping can intersect [start, end] (they are disjoint).
+ * The leaf and *i of the mapping exactly [start, end], or NULL. */
+static struct hr_leaf *hr_exact(const hr_table *t, uint64_t start, uint64_t end, uint32_t *i)
 {
 	const struct hr_leaf *l = hr_descend(t, start, NULL);
-	uint32_t i;
 
 	if (!l)
-		return 0;
-	i = hr_lower(l->start, l->n, start);
-	if (i == l->n || l->start[i] != start || l->end[i] != end)
-		return 0;
-	if (out)
+		return NULL;
+	*i = hr_lower(l->start, l->n, start);
+	if (*i == l->n || l->start[*i] != start || l->end[*i] != end)
+		return NULL;
+	return (struct hr_leaf *)l;
+}
+
+int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
+{
+	uint32_t i = 0;
+	const struct hr_leaf *l = hr_exact(t, start, end, &i);
+
+	if (l && out)
 		hr_export((struct hr_pos){ l, i }, out);
-	return 1;
+	return l != NULL;
+}
+
+int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
+{
+	uint32_t i = 0;
+	struct hr_leaf *l = hr_exact(t, start, end, &i);
+
+	t->mark = l;
+	t->mark_i = i;
+	if (l && out)
+		hr_export((struct hr_pos){ l, i }, out);
+	return l != NULL;
 }
 
 int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end)
 {
 	struct hr_path path;
-	struct hr_leaf *l = hr_descend(t, start, &path);
-	uint32_t i;
+	struct hr_leaf *l = t->mark;
+	uint32_t i = t->mark_i;
+
+	/* Marked by hr_table_find_mark and nothing changed since: remove it
+	 * there, unless the leaf would fall under half full (the rebalance
+	 * needs the path, so that case takes the descent below). */
+	if (l && l->start[i] == start && l->end[i] == end && (t->height == 0 || l->n > HR_LEAF_MIN)) {
+		hr_unmark(t);
+		hr_leaf_move(l, i, l, i + 1, l->n - i - 1);
+		l->n--;
+		t->count--;
+		return 1;
+	}
+	l = hr_descend(t, start, &path);
 
 	/* One descent: the common UNMAP names exactly one mapping. */
 	if (!l)

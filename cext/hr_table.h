@@ -66,6 +66,11 @@ int64_t hr_table_check_range(const hr_table *t, uint64_t start, uint64_t end);
 int64_t hr_table_remove_range(hr_table *t, uint64_t start, uint64_t end);
 /* 1 (and *out filled, if given) if a mapping is exactly [start, end], else 0. */
 int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out);
+/* hr_table_find_exact, also remembering where the mapping is, so that a
+ * following hr_table_remove_exact of it (with no other change to the table
+ * in between) needs no second descent: the relay's UNMAP finds the mapping,
+ * asks the kernel, then removes it. */
+int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out);
 /* Remove the mapping that is exactly [start, end]: 1 if removed, else 0. */
 int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end);
 

@@ -21,23 +21,7 @@ int hr_gmem_set(struct hr_gmem *m, const struct hr_gmem_region *regions, uint32_
 
 void *hr_gmem_ptr(const struct hr_gmem *m, uint64_t gpa, uint64_t len)
 {
-	/* Binary search for the last region starting at or below gpa. */
-	uint32_t lo = 0, hi = m->n;
-
-	while (lo < hi) {
-		uint32_t mid = (lo + hi) / 2;
-		if (m->r[mid].gpa <= gpa)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	if (lo == 0)
-		return NULL;
-	const struct hr_gmem_region *r = &m->r[lo - 1];
-	uint64_t off = gpa - r->gpa;
-	if (off >= r->size || len > r->size - off)
-		return NULL;
-	return (void *)(uintptr_t)(r->hva + off);
+	return hr_gmem_ptr_inline(m, gpa, len);
 }
 
 int hr_vq_setup(struct hr_vq *vq, const struct hr_gmem *mem, uint32_t size,
@@ -131,7 +115,7 @@ int hr_vq_pop(struct hr_vq *vq, struct hr_chain *chain, int *why)
 {
 	if (!hr_vq_pending(vq))
 		return 0;
-	uint16_t slot = vq->last_avail % vq->size;
+	uint16_t slot = vq->last_avail & (vq->size - 1);
 	uint32_t head = __atomic_load_n(&vq->avail->ring[slot], __ATOMIC_RELAXED);
 
 	vq->last_avail++;
@@ -146,13 +130,8 @@ int hr_vq_pop(struct hr_vq *vq, struct hr_chain *chain, int *why)
 
 void hr_vq_push(struct hr_vq *vq, uint32_t head, uint32_t len)
 {
-	struct vring_used_elem *e = &vq->used->ring[vq->used_idx % vq->size];
-
-	e->id = head;
-	e->len = len;
-	vq->used_idx++;
-	/* §2.7.8: the element must be visible before the index that exposes it. */
-	__atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+	hr_vq_put(vq, head, len);
+	hr_vq_publish(vq);
 }
 
 uint64_t hr_chain_read(const struct hr_chain *c, void *buf, uint64_t cap)

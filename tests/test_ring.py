@@ -101,6 +101,86 @@ def test_malformed_chains_get_used_length_zero_and_change_nothing(
     assert [m.start for m in r.mappings(3)] == [0x1000], "the malformed MAP changed nothing"
 
 
+def test_malformed_chain_inside_a_burst_keeps_the_order(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
+    # The walker decodes runs of plain MAP/UNMAP ahead of carrying them out;
+    # anything else ends the run and is served alone, in its place.
+    r, q = setup
+    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+    heads, tails = [], []
+    for i in range(5):
+        if i == 2:
+            heads.append(q.size + 7)  # bad head
+            tails.append(None)
+            continue
+        h, (t,) = q.add([MapRequest(3, i << 12, (i << 12) + 0xFFF, 0, R).pack()], [4], publish=False)
+        heads.append(h)
+        tails.append(t)
+    q.publish(*heads)
+    assert r.process_queue() == 5
+    used = q.used()
+    assert [u.id for u in used] == heads
+    assert [u.len for u in used] == [4, 4, 0, 4, 4]
+    assert all(tail_of(memory, t) == Status.OK for t in tails if t is not None)
+    assert [m.start >> 12 for m in r.mappings(3)] == [0, 1, 3, 4]
+
+
+def test_python_backend_domain_inside_a_burst(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
+    # A domain whose backend only Python drives is checked in C, then handed
+    # back (DEFER) in its place in the run; requests around it stay in C.
+    from test_relay import FakeBackend
+
+    r, q = setup
+    backend = FakeBackend()
+    r.add_endpoint(2, backend=backend)
+    assert r.handle_request(AttachRequest(7, 1).pack(), 4) == bytes(4)
+    assert r.handle_request(AttachRequest(8, 2).pack(), 4) == bytes(4)
+    reqs = [MapRequest(7, i << 12, (i << 12) + 0xFFF, 0, R).pack() for i in range(3)]
+    reqs += [MapRequest(8, 0x10000, 0x10FFF, 0, R).pack(), MapRequest(7, 0x3000, 0x3FFF, 0, R).pack()]
+    reqs += [UnmapRequest(8, 0x10000, 0x10FFF).pack(), MapRequest(8, 0x20000, 0x20FFF, 0, R).pack()]
+    reqs += [MapRequest(7, 0x4000, 0x4FFF, 0, R).pack()]
+    heads, tails = [], []
+    for raw in reqs:
+        h, (t,) = q.add([raw], [4], publish=False)
+        heads.append(h)
+        tails.append(t)
+    q.publish(*heads)
+    assert r.process_queue() == len(reqs)
+    assert [u.id for u in q.used()] == heads
+    assert [tail_of(memory, t) for t in tails] == [Status.OK] * len(reqs)
+    assert backend.calls == [("map", ((0x10000, 0x10FFF),)), ("unmap", ((0x10000, 0x10FFF),)),
+                             ("map", ((0x20000, 0x20FFF),))]  # fmt: skip
+    assert r.mapping_count(7) == 5 and [m.start for m in r.mappings(8)] == [0x20000]
+
+
+def test_more_kernel_failures_than_one_call_holds(
+    setup: tuple[Relay, DriverQueue], memory: GuestMemory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every MAP fails in the kernel: the walker stops when its failure list
+    # (HR_QUEUE_ERRS) is full, Python reports them, and the walk goes on.
+    # A C container on a closed fd stands in for a VFIO one (EBADF).
+    from hostrelay._native import ffi, lib
+
+    r, q = setup
+    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+    cont = ffi.new("struct hr_container *", {"fd": -1, "avail": 1000})
+    conts = ffi.new("struct hr_container *[]", [cont])
+    assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 1) == 0
+    n = lib.HR_QUEUE_ERRS + 8
+    heads, tails = [], []
+    for i in range(n):
+        h, (t,) = q.add([MapRequest(3, i << 12, (i << 12) + 0xFFF, i << 12, R).pack()], [4], publish=False)
+        heads.append(h)
+        tails.append(t)
+    q.publish(*heads)
+    with caplog.at_level("WARNING", logger="hostrelay"):
+        assert r.process_queue() == n
+    assert [u.id for u in q.used()] == heads
+    assert {tail_of(memory, t) for t in tails} == {Status(lib.hr_status_for_errno(9))}  # EBADF
+    assert sum("MAP at" in rec.getMessage() for rec in caplog.records) == n
+    assert r.mapping_count(3) == 0, "every failed MAP was taken out of the table again"
+    assert cont.entries == 0 and cont.avail == 1000
+
+
 def test_faults_are_delivered_to_the_event_queue(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
     r, q = setup
     ev = DriverQueue(memory, EVENTS, 8, data_size=4096)

@@ -395,11 +395,17 @@ def test_table_matches_sorted_model_at_scale() -> None:
             s, e = rand_range()
         i = model.find_exact(s, e)
         expect = None if i is None else model.maps[i]
-        if lib.hr_table_find_exact(ptr, s, e, out):
+        # find_mark remembers where it found the mapping for the removal;
+        # a mark on another mapping (or a stale one) must not be used.
+        find = lib.hr_table_find_mark if rnd.random() < 0.5 else lib.hr_table_find_exact
+        if find(ptr, s, e, out):
             assert _as_tuple(out) == expect
         else:
             assert expect is None
         assert lib.hr_table_find_exact(ptr, s, e, ffi.NULL) == (expect is not None)
+        if model.maps and rnd.random() < 0.2:
+            os_, oe, _, _ = rnd.choice(model.maps)
+            assert lib.hr_table_find_mark(ptr, os_, oe, ffi.NULL) == 1
         assert lib.hr_table_remove_exact(ptr, s, e) == (expect is not None)
         if i is not None:
             del model.maps[i]
