@@ -69,11 +69,11 @@ class DriverQueue:
         # publishing and counting completions cost a few stores and loads, as
         # in a real driver (under TCG the driver shares the vCPU with the
         # device: its Python would otherwise be charged to the device).
-        self._ring: ctypes.Array[ctypes.c_uint16] | None = None
+        self._ring = 0  # host address of the avail ring's entries, 0: not one region
         self._avail_idx: ctypes.c_uint16 | None = None
         self._used_idx: ctypes.c_uint16 | None = None
         if len(memory.spans(self.avail, 4 + 2 * size)) == 1 and len(memory.spans(self.used_ring, 4)) == 1:
-            self._ring = (ctypes.c_uint16 * size).from_address(memory.host_address(self.avail + 4))
+            self._ring = memory.host_address(self.avail + 4)
             self._avail_idx = ctypes.c_uint16.from_address(memory.host_address(self.avail + 2))
             self._used_idx = ctypes.c_uint16.from_address(memory.host_address(self.used_ring + 2))
 
@@ -93,13 +93,13 @@ class DriverQueue:
         start = self.avail_idx % self.size
         first = min(len(heads), self.size - start)
         self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
-        if self._ring is not None and self._avail_idx is not None:
-            self._ring[start : start + first] = list(heads[:first])
+        entries = struct.pack(f"<{len(heads)}H", *heads)
+        if self._ring and self._avail_idx is not None:
+            ctypes.memmove(self._ring + 2 * start, entries, 2 * first)
             if first < len(heads):
-                self._ring[: len(heads) - first] = list(heads[first:])
+                ctypes.memmove(self._ring, entries[2 * first :], len(entries) - 2 * first)
             self._avail_idx.value = self.avail_idx  # after the entries (x86 stores stay in order)
             return
-        entries = struct.pack(f"<{len(heads)}H", *heads)
         self.memory.write(self.avail + 4 + 2 * start, entries[: 2 * first])
         if first < len(heads):
             self.memory.write(self.avail + 4, entries[2 * first :])
