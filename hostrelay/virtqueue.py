@@ -90,18 +90,31 @@ class DriverQueue:
         The ring slots are written in at most two runs (the ring may wrap), so
         a burst costs the driver side two memory writes, not one per chain.
         """
+        self.publish_packed(self.pack_heads(*heads))
+
+    @staticmethod
+    def pack_heads(*heads: int) -> bytes:
+        """Chain heads as avail-ring entries, for :meth:`publish_packed`.
+
+        A driver that posts the same chains again and again (event buffers,
+        a benchmark's batch) packs them once.
+        """
+        return struct.pack(f"<{len(heads)}H", *heads)
+
+    def publish_packed(self, entries: bytes) -> None:
+        """:meth:`publish` for heads packed by :meth:`pack_heads`."""
+        n = len(entries) // 2
         start = self.avail_idx % self.size
-        first = min(len(heads), self.size - start)
-        self.avail_idx = (self.avail_idx + len(heads)) & 0xFFFF
-        entries = struct.pack(f"<{len(heads)}H", *heads)
+        first = min(n, self.size - start)
+        self.avail_idx = (self.avail_idx + n) & 0xFFFF
         if self._ring and self._avail_idx is not None:
             ctypes.memmove(self._ring + 2 * start, entries, 2 * first)
-            if first < len(heads):
-                ctypes.memmove(self._ring, entries[2 * first :], len(entries) - 2 * first)
+            if first < n:
+                ctypes.memmove(self._ring, entries[2 * first :], 2 * (n - first))
             self._avail_idx.value = self.avail_idx  # after the entries (x86 stores stay in order)
             return
         self.memory.write(self.avail + 4 + 2 * start, entries[: 2 * first])
-        if first < len(heads):
+        if first < n:
             self.memory.write(self.avail + 4, entries[2 * first :])
         self.memory.write(self.avail + 2, struct.pack("<H", self.avail_idx))
 
