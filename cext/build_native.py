@@ -39,8 +39,8 @@ ffibuilder.set_source(
     sources=_sources,
     include_dirs=[str(HERE)],
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
-                        "-fvisibility=hidden", "-flto=auto"],
-    extra_link_args=["-O3", "-flto=auto", "-fvisibility=hidden"],
+                        "-fvisibility=hidden", "-flto=auto", "-pthread"],
+    extra_link_args=["-O3", "-flto=auto", "-fvisibility=hidden", "-pthread"],
 )
 
 if __name__ == "__main__":

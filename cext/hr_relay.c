@@ -4,6 +4,7 @@
 #include "hr_vfio.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,6 +30,7 @@ struct hr_relay {
 	uint64_t memlock_limit, memlock_baseline, charged;
 	uint32_t ndom, capdom;
 	struct hr_domain *dom; /* sorted by id */
+	pthread_mutex_t lock;  /* the relay's one lock (hr_relay_lock) */
 	uint32_t hot;          /* index of the domain the last request named (find_hot) */
 	uint32_t ghot;         /* index of the RAM region the last MAP used (piece) */
 };
@@ -254,6 +256,10 @@ hr_relay *hr_relay_new(void)
 
 	if (!r)
 		return NULL;
+	if (pthread_mutex_init(&r->lock, NULL)) {
+		free(r);
+		return NULL;
+	}
 	r->granule = 4096;
 	r->input_end = UINT64_MAX;
 	r->domain_end = UINT32_MAX;
@@ -271,7 +277,18 @@ void hr_relay_free(hr_relay *r)
 		free(r->dom[i].cont);
 	}
 	free(r->dom);
+	pthread_mutex_destroy(&r->lock);
 	free(r);
+}
+
+void hr_relay_lock(hr_relay *r)
+{
+	pthread_mutex_lock(&r->lock);
+}
+
+void hr_relay_unlock(hr_relay *r)
+{
+	pthread_mutex_unlock(&r->lock);
 }
 
 int hr_relay_set_memory(hr_relay *r, const struct hr_gmem_region *regions, uint32_t n)
@@ -717,17 +734,18 @@ __attribute__((flatten)) int hr_relay_fast(hr_relay *r, const uint8_t *req, uint
 					   struct hr_result *res)
 {
 	/* Only the plain case: a well-framed MAP/UNMAP whose reply is the 4-byte
-	 * tail.  Anything else returns -1 having changed nothing. */
+	 * tail.  Anything else returns -1 having changed nothing.  The lock is
+	 * taken here, so the Python caller needs no lock of its own. */
 	struct hr_req q;
 
 	if (!parse_plain(req, rlen, wlen, &q))
 		return -1;
+	pthread_mutex_lock(&r->lock);
 	int st = execute(r, &q, res);
-	if (st == HR_S_DEFER)
-		return -1; /* nothing was changed: the caller takes the full path */
-	if (res->reason == HR_R_KERNEL || res->reason == HR_R_MISMATCH)
-		return HR_FAST_REPORT | st;
-	return st;
+	if (st != HR_S_DEFER && (res->reason == HR_R_KERNEL || res->reason == HR_R_MISMATCH))
+		return HR_FAST_REPORT | st; /* still locked: the caller reports *res, then unlocks */
+	pthread_mutex_unlock(&r->lock);
+	return st == HR_S_DEFER ? -1 : st; /* DEFER: nothing was changed, the caller takes the full path */
 }
 
 /* Write len bytes of reply into the chain's writable part and complete it. */
@@ -766,6 +784,15 @@ static int process_exit(struct hr_queue *q, int code, uint32_t completed, uint32
 	hr_vq_publish(&q->vq);
 	q->nerrs = nerrs;
 	return code | (nerrs ? HR_PROCESS_ERRORS : 0) | (int)(completed << HR_PROCESS_SHIFT);
+}
+
+int hr_relay_process_locked(hr_relay *r, struct hr_queue *q)
+{
+	pthread_mutex_lock(&r->lock);
+	int rc = hr_relay_process(r, q);
+	if (!(rc & (HR_PROCESS_CODE | HR_PROCESS_ERRORS)))
+		pthread_mutex_unlock(&r->lock);
+	return rc; /* otherwise still locked: the caller finishes, then unlocks */
 }
 
 /* Requests decoded ahead of carrying them out (hr_relay_process). */

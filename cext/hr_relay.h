@@ -94,8 +94,15 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 
 int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen,
                          uint8_t *out, struct hr_result *res);
+/* The relay's one lock, shared with Python (Relay._lock): every call below
+ * expects it held, except hr_relay_fast and hr_relay_process_locked, which
+ * take it themselves (so their Python callers pay no lock of their own). */
+void hr_relay_lock(hr_relay *r);
+void hr_relay_unlock(hr_relay *r);
+
 /* handle_request's fast path: the status (reply = the 4-byte tail), HR_FAST_REPORT | status
- * when res holds a kernel failure to report, or -1 with nothing changed. */
+ * when res holds a kernel failure to report (returns with the lock held: the caller reports,
+ * then calls hr_relay_unlock), or -1 with nothing changed.  Takes the lock itself. */
 #define HR_FAST_REPORT 0x1000
 int hr_relay_fast(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen, struct hr_result *res);
 /* A request queue as the C walker serves it. */
@@ -118,6 +125,11 @@ enum {
 	HR_PROCESS_SHIFT = 3,
 };
 int hr_relay_process(hr_relay *r, struct hr_queue *q);
+/* hr_relay_process taking the lock itself; when the result has HR_PROCESS_CODE
+ * or HR_PROCESS_ERRORS bits it returns with the lock still held, for the
+ * caller to finish the work (and call hr_relay_process again) before
+ * hr_relay_unlock. */
+int hr_relay_process_locked(hr_relay *r, struct hr_queue *q);
 void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply,
                        uint64_t len);
 

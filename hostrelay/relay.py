@@ -34,7 +34,6 @@ request or :meth:`Relay.ack_features` (the relay is then *frozen*).
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -110,6 +109,7 @@ log = logging.getLogger(__name__)
 
 _relay_fast = lib.hr_relay_fast
 _relay_process = lib.hr_relay_process
+_relay_process_locked = lib.hr_relay_process_locked
 # hr_relay_process's result word (cext/hr_relay.h).
 _PROCESS_SHIFT: int = lib.HR_PROCESS_SHIFT
 _PROCESS_ERRORS: int = lib.HR_PROCESS_ERRORS
@@ -166,6 +166,34 @@ class Backend(Protocol):
 def _is_native(b: object) -> bool:
     """True for a backend the C data plane drives itself (a VFIO container)."""
     return getattr(b, "c", None) is not None
+
+
+class _RelayLock:
+    """The data plane's mutex (``hr_relay_lock``) as a Python lock.
+
+    handle_request's and process_queue's fast paths take it inside their one
+    C call, so the relay needs no second lock and those paths no lock call
+    from Python (under TCG each such call costs about a microsecond).
+    Blocking happens in C with the GIL released.
+    """
+
+    __slots__ = ("_c",)
+
+    def __init__(self, c: Any) -> None:
+        self._c = c
+
+    def acquire(self) -> bool:
+        lib.hr_relay_lock(self._c)
+        return True
+
+    def release(self) -> None:
+        lib.hr_relay_unlock(self._c)
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Queue:
@@ -364,15 +392,15 @@ class Relay:
         self._events: deque[bytes] = deque()
         self._event_limit = event_limit
         self.dropped_events = 0
-        # One lock: a VMM may translate() from device threads while the
-        # request queue is processed elsewhere.
-        self._lock = threading.Lock()
-
         # The MAP/UNMAP data plane (cext/hr_relay.c): the one implementation
         # of MAP and UNMAP, shared by handle_request and the ring walker.
         self._c = ffi.gc(lib.hr_relay_new(), lib.hr_relay_free)
         if self._c == ffi.NULL:
             raise MemoryError("hr_relay_new")
+        # One lock, the data plane's own: a VMM may translate() from device
+        # threads while the request queue is processed elsewhere, and the
+        # MAP/UNMAP fast paths take it inside their one C call.
+        self._lock = _RelayLock(self._c)
         self._c_result = ffi.new("struct hr_result *")
         self._c_tail = ffi.new("uint8_t[4]")
         self._mem_generation = -1
@@ -831,20 +859,22 @@ class Relay:
             # every Python step here costs about as much as a syscall.  (No
             # config freeze here: a MAP/UNMAP can only succeed after an
             # ATTACH, which took the full path and froze it.)
-            lock = self._lock
-            lock.acquire()
+            # The C call takes the relay's lock itself.
             try:
                 rc: int = _relay_fast(self._c, readable, len(readable), writable_len, self._c_result)
-                if 0 <= rc < _FAST_REPORT:
-                    return _TAILS[rc]
-                if rc >= 0:  # done, and a kernel failure to report
-                    self._c_failure(self._c_result)
-                    return _TAILS[rc & 0xFF]
-            except Exception:
+            except Exception:  # arguments C could not take (it ran nothing)
                 log.exception("internal error handling a request")
                 return _TAILS[Status.DEVERR] if writable_len == TAIL_SIZE else b""
-            finally:
-                lock.release()
+            if 0 <= rc < _FAST_REPORT:
+                return _TAILS[rc]
+            if rc >= 0:  # done, and a kernel failure to report: C kept the lock for this
+                try:
+                    self._c_failure(self._c_result)
+                except Exception:
+                    log.exception("internal error reporting a kernel failure")
+                finally:
+                    self._lock.release()
+                return _TAILS[rc & 0xFF]
         try:
             if type(readable) is not bytes:
                 readable = bytes(readable)  # a guest buffer view: decode from a stable copy
@@ -1235,16 +1265,18 @@ class Relay:
         pending 24-byte fault records.
         """
         q = self._requestq
-        if index == 0 and q is not None:
+        if index == 0 and q is not None and self._fast_generation == self.memory.generation and not self._events:
             # The usual call, kept short: measured under TCG, the Python
-            # around the C walker is a fixed cost paid once per kick.
-            with self._lock:
-                if self._fast_generation == self.memory.generation and not self._events:
-                    self._frozen = True
-                    rc: int = _relay_process(self._c, q.c)
-                    if not rc & _PROCESS_ANY:
-                        return rc >> _PROCESS_SHIFT  # every request done in C
-                    return self._process_rest(q, rc)
+            # around the C walker is a fixed cost paid once per kick.  The C
+            # call takes the lock itself and keeps it when there is more to do.
+            self._frozen = True
+            rc: int = _relay_process_locked(self._c, q.c)
+            if not rc & _PROCESS_ANY:
+                return rc >> _PROCESS_SHIFT  # every request done in C
+            try:
+                return self._process_rest(q, rc)
+            finally:
+                self._lock.release()
         with self._lock:
             q = self._queues.get(index)
             if q is None:

@@ -181,6 +181,80 @@ def test_more_kernel_failures_than_one_call_holds(
     assert cont.entries == 0 and cont.avail == 1000
 
 
+def test_kernel_failure_through_handle_request_is_reported_and_unlocks(
+    setup: tuple[Relay, DriverQueue], caplog: pytest.LogCaptureFixture
+) -> None:
+    # hr_relay_fast keeps the relay's lock when it has a failure to report;
+    # handle_request reports it and lets go (a leaked lock would hang below).
+    from hostrelay._native import ffi, lib
+
+    r, _ = setup
+    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+    cont = ffi.new("struct hr_container *", {"fd": -1, "avail": 1000})
+    conts = ffi.new("struct hr_container *[]", [cont])
+    assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 1) == 0
+    bad = Status(lib.hr_status_for_errno(9))  # EBADF
+    with caplog.at_level("WARNING", logger="hostrelay"):
+        for i in range(3):
+            assert r.handle_request(MapRequest(3, i << 12, (i << 12) + 0xFFF, 0, R).pack(), 4)[0] == bad
+    assert sum("MAP at" in rec.getMessage() for rec in caplog.records) == 3
+    assert r.mapping_count(3) == 0 and cont.entries == 0
+    assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 0) == 0
+    assert r.handle_request(MapRequest(3, 0, 0xFFF, 0, R).pack(), 4) == bytes(4)  # the lock is free again
+
+
+def test_threads_share_the_relay(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
+    # The fast paths take the relay's lock in C, the rest in Python: two
+    # threads mapping and unmapping, one translating and one walking the
+    # ring must leave exactly what they mapped last.
+    import threading
+
+    r, q = setup
+    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+    errors: list[BaseException] = []
+    rounds = 296  # the last round maps page 7 (295 % 8) and keeps it
+
+    def mapper(base: int) -> None:
+        try:
+            for i in range(rounds):
+                iova = base + ((i % 8) << 12)
+                assert r.handle_request(MapRequest(3, iova, iova + 0xFFF, iova, R | W).pack(), 4) == bytes(4)
+                if i != rounds - 1:
+                    assert r.handle_request(UnmapRequest(3, iova, iova + 0xFFF).pack(), 4) == bytes(4)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def translator() -> None:
+        try:
+            for _ in range(rounds):
+                try:
+                    assert r.translate(1, 0x100000 + 0x7000, 8, write=True) == 0x107000
+                except Exception as exc:  # not mapped yet: a fault is fine, anything else is not
+                    assert type(exc).__name__ == "TranslationFault", exc
+        except BaseException as exc:
+            errors.append(exc)
+
+    def walker() -> None:
+        try:
+            for i in range(rounds // 10):
+                iova = 0x800000 + (i << 12)
+                _, (t,) = q.add([MapRequest(3, iova, iova + 0xFFF, iova, R).pack()], [4])
+                assert r.process_queue() == 1 and memory.read(t, 1) == bytes(1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=mapper, args=(base,)) for base in (0x100000, 0x200000)]
+    threads += [threading.Thread(target=translator), threading.Thread(target=walker)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    starts = [m.start for m in r.mappings(3)]
+    assert starts == [0x107000, 0x207000] + [0x800000 + (i << 12) for i in range(rounds // 10)]
+    r.pop_events()
+
+
 def test_faults_are_delivered_to_the_event_queue(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
     r, q = setup
     ev = DriverQueue(memory, EVENTS, 8, data_size=4096)
