@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -152,19 +153,28 @@ def test_python_backend_domain_inside_a_burst(setup: tuple[Relay, DriverQueue], 
     assert r.mapping_count(7) == 5 and [m.start for m in r.mappings(8)] == [0x20000]
 
 
+def failing_container(r: Relay, domain: int) -> tuple[Any, Any]:
+    """Attach endpoint 1 to ``domain`` and give the domain a C container on a
+    closed fd: every MAP then fails in the kernel (EBADF), as a VFIO
+    container's would, without needing VFIO.  Returns (container, list)."""
+    from hostrelay._native import ffi, lib
+
+    assert r.handle_request(AttachRequest(domain, 1).pack(), 4) == bytes(4)
+    cont = ffi.new("struct hr_container *", {"fd": -1, "avail": 1000})
+    conts = ffi.new("struct hr_container *[]", [cont])
+    assert lib.hr_relay_domain_set_containers(r._c, domain, conts, 1) == 0
+    return cont, conts
+
+
 def test_more_kernel_failures_than_one_call_holds(
     setup: tuple[Relay, DriverQueue], memory: GuestMemory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Every MAP fails in the kernel: the walker stops when its failure list
     # (HR_QUEUE_ERRS) is full, Python reports them, and the walk goes on.
-    # A C container on a closed fd stands in for a VFIO one (EBADF).
-    from hostrelay._native import ffi, lib
+    from hostrelay._native import lib
 
     r, q = setup
-    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
-    cont = ffi.new("struct hr_container *", {"fd": -1, "avail": 1000})
-    conts = ffi.new("struct hr_container *[]", [cont])
-    assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 1) == 0
+    cont, _conts = failing_container(r, 3)
     n = lib.HR_QUEUE_ERRS + 8
     heads, tails = [], []
     for i in range(n):
@@ -186,13 +196,10 @@ def test_kernel_failure_through_handle_request_is_reported_and_unlocks(
 ) -> None:
     # hr_relay_fast keeps the relay's lock when it has a failure to report;
     # handle_request reports it and lets go (a leaked lock would hang below).
-    from hostrelay._native import ffi, lib
+    from hostrelay._native import lib
 
     r, _ = setup
-    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
-    cont = ffi.new("struct hr_container *", {"fd": -1, "avail": 1000})
-    conts = ffi.new("struct hr_container *[]", [cont])
-    assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 1) == 0
+    cont, conts = failing_container(r, 3)
     bad = Status(lib.hr_status_for_errno(9))  # EBADF
     with caplog.at_level("WARNING", logger="hostrelay"):
         for i in range(3):
