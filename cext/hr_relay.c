@@ -147,33 +147,21 @@ static uint64_t piece(hr_relay *r, uint64_t gpa, uint64_t size, uint64_t *hva)
 
 /* Number of pieces of [gpa, gpa+size) (size > 0), or 0 if any byte is not
  * RAM; *hva is where the first piece starts. */
-static __attribute__((noinline)) uint64_t count_pieces_slow(hr_relay *r, uint64_t gpa, uint64_t size,
-							    uint64_t *hva)
+static uint64_t count_pieces(hr_relay *r, uint64_t gpa, uint64_t size, uint64_t *hva)
 {
-	uint64_t n = 0, h;
+	uint64_t len = piece(r, gpa, size, hva), n = 1, h;
 
-	while (size) {
-		uint64_t len = piece(r, gpa, size, n ? &h : hva);
+	if (!len)
+		return 0; /* not RAM (or size 0) */
+	while (len < size) { /* rarely: the range goes on in the next region */
+		gpa += len;
+		size -= len;
+		len = piece(r, gpa, size, &h);
 		if (!len)
 			return 0;
 		n++;
-		gpa += len;
-		size -= len;
 	}
 	return n;
-}
-
-static inline uint64_t count_pieces(hr_relay *r, uint64_t gpa, uint64_t size, uint64_t *hva)
-{
-	/* Inline for the usual answer, one piece in the region of the last MAP. */
-	const struct hr_gmem_region *g = &r->mem.r[r->ghot];
-	uint64_t off = gpa - g->gpa;
-
-	if (r->ghot < r->mem.n && off < g->size && size && size <= g->size - off) {
-		*hva = g->hva + off;
-		return 1;
-	}
-	return count_pieces_slow(r, gpa, size, hva);
 }
 
 static int has_perm(uint32_t flags)

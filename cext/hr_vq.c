@@ -21,7 +21,11 @@ int hr_gmem_set(struct hr_gmem *m, const struct hr_gmem_region *regions, uint32_
 
 void *hr_gmem_ptr(const struct hr_gmem *m, uint64_t gpa, uint64_t len)
 {
-	return hr_gmem_ptr_inline(m, gpa, len);
+	const struct hr_gmem_region *r = hr_gmem_find(m, gpa);
+
+	if (!r || len > r->size - (gpa - r->gpa))
+		return NULL;
+	return (void *)(uintptr_t)(r->hva + (gpa - r->gpa));
 }
 
 int hr_vq_setup(struct hr_vq *vq, const struct hr_gmem *mem, uint32_t size,

@@ -101,7 +101,7 @@ static inline const struct hr_gmem_region *hr_gmem_find(const struct hr_gmem *m,
 	return &m->r[lo - 1];
 }
 
-/* hr_gmem_ptr_inline trying the region *hot first and remembering the hit:
+/* hr_gmem_ptr trying the region *hot first and remembering the hit:
  * a ring's buffers come from one region nearly always.  *hot points into
  * m->r (or at a zero-size region to start with) and lives in the caller's
  * frame for one burst, during which the regions do not change. */
@@ -123,15 +123,6 @@ static inline void *hr_gmem_xlate(const struct hr_gmem *m, const struct hr_gmem_
 	return (void *)(uintptr_t)(r->hva + off);
 }
 
-/* Host pointer for [gpa, gpa + len) if it lies inside one region, else NULL. */
-static inline void *hr_gmem_ptr_inline(const struct hr_gmem *m, uint64_t gpa, uint64_t len)
-{
-	const struct hr_gmem_region *r = hr_gmem_find(m, gpa);
-
-	if (!r || len > r->size - (gpa - r->gpa))
-		return NULL;
-	return (void *)(uintptr_t)(r->hva + (gpa - r->gpa));
-}
 
 int hr_vq_setup(struct hr_vq *vq, const struct hr_gmem *mem, uint32_t size,
                 uint64_t desc, uint64_t avail, uint64_t used);
