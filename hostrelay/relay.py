@@ -1252,6 +1252,9 @@ class Relay:
             self._queues[index] = q
             if index == 0:
                 self._requestq = q
+            # A driver sets up its queues after reading the config (virtio
+            # 1.2 §3.1.1 steps 5-7), so process_queue need not say it again.
+            self._frozen = True
 
     def process_queue(self, index: int = 0) -> int:
         """Serve every available buffer of queue ``index``; return how many were completed.
@@ -1269,7 +1272,7 @@ class Relay:
             # The usual call, kept short: measured under TCG, the Python
             # around the C walker is a fixed cost paid once per kick.  The C
             # call takes the lock itself and keeps it when there is more to do.
-            self._frozen = True
+            # (set_queue froze the config already.)
             rc: int = _relay_process_locked(self._c, q.c)
             if not rc & _PROCESS_ANY:
                 return rc >> _PROCESS_SHIFT  # every request done in C

@@ -39,6 +39,12 @@ def _align(value: int, to: int) -> int:
     return (value + to - 1) & ~(to - 1)
 
 
+def _view(address: int, size: int) -> memoryview:
+    """Bytes at a host address, without holding the mapping open (the queue
+    is only usable while its GuestMemory is, like any view of guest memory)."""
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
 class DriverQueue:
     """A split virtqueue of ``size`` entries at ``base`` in guest memory.
 
@@ -69,13 +75,16 @@ class DriverQueue:
         # publishing and counting completions cost a few stores and loads, as
         # in a real driver (under TCG the driver shares the vCPU with the
         # device: its Python would otherwise be charged to the device).
-        self._ring = 0  # host address of the avail ring's entries, 0: not one region
-        self._avail_idx: ctypes.c_uint16 | None = None
-        self._used_idx: ctypes.c_uint16 | None = None
+        # memoryviews, not ctypes calls: a slice store is one memcpy inside
+        # the interpreter, where ctypes.memmove is a libffi call (measured
+        # under TCG: the leaner driver cost the ring ~0.01x raw less).
+        self._ring: memoryview | None = None  # the avail ring's entries, as bytes
+        self._avail_idx: memoryview | None = None  # avail->idx, one u16
+        self._used_idx: memoryview | None = None  # used->idx, one u16
         if len(memory.spans(self.avail, 4 + 2 * size)) == 1 and len(memory.spans(self.used_ring, 4)) == 1:
-            self._ring = memory.host_address(self.avail + 4)
-            self._avail_idx = ctypes.c_uint16.from_address(memory.host_address(self.avail + 2))
-            self._used_idx = ctypes.c_uint16.from_address(memory.host_address(self.used_ring + 2))
+            self._ring = _view(memory.host_address(self.avail + 4), 2 * size)
+            self._avail_idx = _view(memory.host_address(self.avail + 2), 2).cast("H")
+            self._used_idx = _view(memory.host_address(self.used_ring + 2), 2).cast("H")
 
     # -- raw access (also for building malformed chains) ------------------
     def write_desc(self, index: int, addr: int, length: int, flags: int, next_index: int = 0,
@@ -107,11 +116,11 @@ class DriverQueue:
         start = self.avail_idx % self.size
         first = min(n, self.size - start)
         self.avail_idx = (self.avail_idx + n) & 0xFFFF
-        if self._ring and self._avail_idx is not None:
-            ctypes.memmove(self._ring + 2 * start, entries, 2 * first)
+        if self._ring is not None and self._avail_idx is not None:
+            self._ring[2 * start : 2 * (start + first)] = entries[: 2 * first]
             if first < n:
-                ctypes.memmove(self._ring, entries[2 * first :], 2 * (n - first))
-            self._avail_idx.value = self.avail_idx  # after the entries (x86 stores stay in order)
+                self._ring[: 2 * (n - first)] = entries[2 * first :]
+            self._avail_idx[0] = self.avail_idx  # after the entries (x86 stores stay in order)
             return
         self.memory.write(self.avail + 4 + 2 * start, entries[: 2 * first])
         if first < n:
@@ -179,7 +188,7 @@ class DriverQueue:
     def consume(self) -> int:
         """Count and skip the used elements since the last call, without decoding them."""
         if self._used_idx is not None:
-            idx: int = self._used_idx.value
+            idx: int = self._used_idx[0]
         else:
             idx = struct.unpack("<H", self.memory.read(self.used_ring + 2, 2))[0]
         count = (idx - self.last_used) & 0xFFFF

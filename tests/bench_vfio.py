@@ -14,6 +14,8 @@ All figures come from one boot, so the ratios compare like with like:
   data plane's own MAP/UNMAP code in a C loop (no ring, no Python), and the
   ring with the driver's side in C too (``hr_relay_bench_ring``: the walker
   without Python between batches);
+- the ring in batches of 8 pairs as well, which splits the ring's cost into a
+  part per pair and a part per kick (Python between kicks, under TCG);
 - a MAP+UNMAP pair through the ring in a domain with 1, 2 and 4 VFIO groups.
 
 The measurements are interleaved: each of ``--repeat`` rounds runs every
@@ -40,6 +42,7 @@ from hostrelay.virtqueue import DriverQueue
 
 PAGE = 0x1000
 BATCH = 64
+SMALL = 8  # a second batch size, to split the ring's cost into per pair and per kick
 RW = int(MapFlag.READ | MapFlag.WRITE)
 IOVA = 0x100000
 RING_GPA = 0x1000000
@@ -89,23 +92,24 @@ class RelaySetup:
         self.requests = [(MapRequest(1, IOVA, IOVA + PAGE - 1, 0, RW).pack(), UnmapRequest(1, IOVA, IOVA + PAGE - 1).pack())]
         self.entries = self.q.pack_heads(*self.heads)
 
-    def ring(self, batches: int) -> float:
+    def ring(self, batches: int, per_kick: int = BATCH) -> float:
         # The driver side does as little as a guest driver would between
         # kicks: under TCG it shares the one vCPU with the device, and every
         # bit of Python it runs cools the emulator's caches for the device
         # (measured: packing the 128 heads at each kick instead of once
         # cost the ring 0.01-0.025x).  So: post the same packed chains, kick,
         # count completions; the replies are checked once at the end.
+        entries = self.entries if per_kick == BATCH else self.entries[: 4 * per_kick]
         spent = 0.0
         for _ in range(batches):
-            self.q.publish_packed(self.entries)
+            self.q.publish_packed(entries)
             t = time.perf_counter()
             done = self.relay.process_queue(0)
             spent += time.perf_counter() - t
-            assert done == 2 * BATCH and self.q.consume() == 2 * BATCH, done
+            assert done == 2 * per_kick and self.q.consume() == 2 * per_kick, done
         assert all(self.memory.read(t, 4) == bytes(4) for t in self.tails), "a request failed"
         assert self.relay.mapping_count(1) == 0
-        return spent / (batches * BATCH)
+        return spent / (batches * per_kick)
 
     def one_at_a_time(self, pairs: int) -> float:
         m, u = self.requests[0]
@@ -180,6 +184,7 @@ def main() -> int:
     loops: dict[str, Callable[[], float]] = {
         "raw": raw,
         "ring": lambda: setup.ring(batches),
+        "ring8": lambda: setup.ring(pairs // SMALL, SMALL),
         "handle": lambda: setup.one_at_a_time(pairs),
         "bare": lambda: setup.bare_ioctls(pairs),
         "cloop": lambda: setup.c_loop(pairs),
@@ -201,6 +206,12 @@ def main() -> int:
     line("2 bare ioctl calls", "bare", ": one Python->C call per ioctl")
     line("data plane in C loop", "cloop", ": hr_relay_map/unmap, no ring")
     line("ring driven from C", "cring", ": the same ring, no Python between batches")
+    line(f"ring, batches of {SMALL}", "ring8", "")
+    # cost(k pairs per kick) = per_pair + per_kick / k, from the two batch sizes
+    # (ratios, so in raw pairs): what a kick costs beyond its requests.
+    per_kick = (ratio["ring8"] - ratio["ring"]) / (1 / SMALL - 1 / BATCH)
+    print(f"  split of the ring's cost: {ratio['ring'] - per_kick / BATCH:.3f}x raw per pair"
+          f" + {per_kick:.2f} raw pairs per kick")
     raw_cost = cost["raw"]
     print("MAP+UNMAP pair through the ring by VFIO groups in the domain")
     base = None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hostrelay import GuestMemory, Relay
+from hostrelay.errors import VfioNoDevice
 from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, ProbeRequest, Status, UnmapRequest
 from hostrelay.virtqueue import DESC_F_NEXT, DESC_F_WRITE, DriverQueue
 
@@ -291,3 +293,19 @@ def test_set_queue_rejects_bad_geometry(memory: GuestMemory) -> None:
         r.set_queue(2, size=16, desc=0x1000, avail=0x2000, used=0x3000)
     with pytest.raises(ValueError):
         r.process_queue(0)  # never set up
+
+
+def test_setting_up_a_queue_freezes_the_config(memory: GuestMemory) -> None:
+    # A driver sets up its queues after reading the config (virtio 1.2
+    # §3.1.1), so from then on no VFIO endpoint may appear; a refused
+    # set_queue is not a driver talking yet.  (The check comes before any
+    # sysfs access, so no device is needed.)
+    r = Relay(memory)
+    with pytest.raises(ValueError):
+        r.set_queue(0, size=100, desc=0x1000, avail=0x2000, used=0x3000)
+    with pytest.raises(VfioNoDevice):  # not frozen: it went on to sysfs
+        r.add_vfio_endpoint(0x99, "0000:00:00.0", sysfs_root=Path("/nonexistent"))
+    q = DriverQueue(memory, RING, 16)
+    r.set_queue(0, size=q.size, desc=q.desc, avail=q.avail, used=q.used_ring)
+    with pytest.raises(RuntimeError, match="read the config"):
+        r.add_vfio_endpoint(0x99, "0000:00:00.0", sysfs_root=Path("/nonexistent"))
