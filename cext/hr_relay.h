@@ -59,7 +59,6 @@ struct hr_container {
 	uint32_t avail;          /* vfio_dma entries left (DMA_AVAIL, tracked) */
 	uint64_t entries;        /* vfio_dma entries the relay created */
 	uint64_t charged;        /* bytes type1 charged to locked_vm for them */
-	uint64_t identity_bytes; /* of which the bypass identity map */
 	/* Fault injection for tests: the (fail_after + 1)-th next MAP ioctl on
 	 * this container fails with fail_errno, the next UNMAP ioctl of a guest
 	 * UNMAP with fail_unmap_errno (0 = off; each fires once). */

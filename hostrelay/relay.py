@@ -28,7 +28,8 @@ Host reality (VFIO): :meth:`Relay.add_vfio_endpoint` recomputes
 endpoint RESV_MEM regions from its group's ``reserved_regions`` and the holes
 between the host's usable IOVA ranges.  The config must not change once the
 driver looked at it, so VFIO endpoints can only be added before the first
-request or :meth:`Relay.ack_features` (the relay is then *frozen*).
+request, :meth:`Relay.ack_features` or :meth:`Relay.set_queue` (the relay is
+then *frozen*).
 """
 
 from __future__ import annotations
@@ -631,8 +632,9 @@ class Relay:
         container's usable IOVA ranges, and the endpoint reports RESV_MEM for
         its group's ``reserved_regions`` and for the holes between its
         container's usable ranges (the MSI window as the MSI subtype).  Only
-        allowed before the driver looks at the config (first request or
-        :meth:`ack_features`): raises :class:`RuntimeError` afterwards.
+        allowed before the driver looks at the config (first request,
+        :meth:`ack_features` or :meth:`set_queue`): raises :class:`RuntimeError`
+        afterwards.
         """
         from hostrelay.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, group_of
 
@@ -864,7 +866,7 @@ class Relay:
                 rc: int = _relay_fast(self._c, readable, len(readable), writable_len, self._c_result)
             except Exception:  # arguments C could not take (it ran nothing)
                 log.exception("internal error handling a request")
-                return _TAILS[Status.DEVERR] if writable_len == TAIL_SIZE else b""
+                return self._internal_error(writable_len)
             if 0 <= rc < _FAST_REPORT:
                 return _TAILS[rc]
             if rc >= 0:  # done, and a kernel failure to report: C kept the lock for this
@@ -883,12 +885,16 @@ class Relay:
                 return self._handle(readable, writable_len)
         except Exception:  # a bug must not take the device down
             log.exception("internal error handling a request")
-            try:
-                if TAIL_SIZE <= writable_len <= MAX_WRITABLE:
-                    return bytes(writable_len - TAIL_SIZE) + pack_tail(Status.DEVERR)
-            except Exception:
-                pass
-            return b""
+            return self._internal_error(writable_len)
+
+    @classmethod
+    def _internal_error(cls, writable_len: int) -> bytes:
+        """The reply to a request the relay failed on itself: DEVERR if the
+        writable part can hold a reply, else used length 0 (also for a
+        ``writable_len`` that is not even an int)."""
+        if isinstance(writable_len, int) and TAIL_SIZE <= writable_len <= MAX_WRITABLE:
+            return cls._reply(Status.DEVERR, writable_len)
+        return b""
 
     def _handle(self, readable: bytes, writable_len: int) -> bytes:
         n = len(readable)
@@ -922,7 +928,7 @@ class Relay:
         return pack_tail(Status.OK)
 
     @staticmethod
-    def _reply(status: Status, writable_len: int) -> bytes:
+    def _reply(status: int, writable_len: int) -> bytes:
         # Zeros up to the tail: properties a failed PROBE does not write are
         # zero-filled (D-39, D-40), and the used length is the writable length.
         return bytes(writable_len - TAIL_SIZE) + pack_tail(status)
@@ -1120,8 +1126,7 @@ class Relay:
             status = self._deferred(readable)
         elif res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
             self._c_failure(res)
-        tail = pack_tail(status)
-        return tail if n == TAIL_SIZE else bytes(n - TAIL_SIZE) + tail
+        return self._reply(status, n)
 
     def _deferred(self, readable: bytes) -> int:
         """A valid MAP/UNMAP (C checked it) for a domain with custom backends."""
@@ -1272,7 +1277,6 @@ class Relay:
             # The usual call, kept short: measured under TCG, the Python
             # around the C walker is a fixed cost paid once per kick.  The C
             # call takes the lock itself and keeps it when there is more to do.
-            # (set_queue froze the config already.)
             rc: int = _relay_process_locked(self._c, q.c)
             if not rc & _PROCESS_ANY:
                 return rc >> _PROCESS_SHIFT  # every request done in C
@@ -1286,7 +1290,6 @@ class Relay:
                 raise ValueError(f"queue {index} is not set up")
             if index == 1:
                 return self._fill_events(q)
-            self._frozen = True
             if self._fast_generation != self.memory.generation:
                 self._sync_memory()
                 if not self._fast:

@@ -19,9 +19,8 @@ What the backend adds over :class:`~hostrelay.vfio.Container`:
 - UNMAP per contiguous run of mappings, verifying the kernel's unmapped byte
   count (type1v2 copies the removed size back, Linux >= 3.x).
 - Identity map of guest RAM (IOVA = GPA) while the group is in bypass.
-- Counters (entries, kernel-charged bytes) per container.  They are plain
-  Python ints for now; the C ring walker of issue 4 will need them in a
-  C-reachable struct next to ``hr_table`` (see the issue note).
+- Counters (entries, kernel-charged bytes) per container, kept in C
+  (``struct hr_container``) where the data plane checks and updates them.
 
 Accounting rules relied on (Linux 6.12 ``drivers/vfio/vfio_iommu_type1.c``):
 ``vfio_dma_do_map`` records ``dma->lock_cap = capable(CAP_IPC_LOCK)``;
@@ -265,8 +264,7 @@ class VfioBackend:
         """Close devices, group and container (type1 then unpins everything)."""
         self.devices.clear()
         if not self.container.closed:
-            self.budget.account(self.c, -self.entries, -self.charged)
-        self.c.identity_bytes = 0
+            self._account(-self.entries, -self.charged)
         self.c.fd = -1
         self._identity = None
         self.container.close()
@@ -287,10 +285,6 @@ class VfioBackend:
                     f"of group {self.group_id}"
                 )
         return pieces
-
-    def charge_of(self, mapping: Mapping) -> int:
-        """Bytes type1 will charge to RLIMIT_MEMLOCK for ``mapping`` in this container."""
-        return sum(p.size for p in self._pieces(mapping))
 
     def precheck(self, mapping: Mapping) -> int:
         """Refuse ``mapping`` now if it cannot be mapped; return its memlock charge.
@@ -429,7 +423,6 @@ class VfioBackend:
             self.budget.check(sum(p.size for p in pieces))
             self._map_pieces(pieces, read=True, write=True)
             self._identity = pieces
-            self.c.identity_bytes = sum(p.size for p in pieces)
             return
         pieces = self._identity or []
         for i, p in enumerate(pieces):
@@ -442,7 +435,6 @@ class VfioBackend:
             if got != p.size:
                 log.error("group %d: identity UNMAP of %#x+%#x removed %#x bytes", self.group_id, p.iova, p.size, got)
         self._identity = None
-        self.c.identity_bytes = 0
 
     # -- testing -------------------------------------------------------------------
     def inject_failure(self, *, map_errno: int = 0, map_after: int = 0, unmap_errno: int = 0) -> None:
@@ -472,7 +464,6 @@ class VfioBackend:
         For inspection and teardown: the relay's tables are not told.
         """
         got = self.container.unmap_all()
-        self.budget.account(self.c, -self.entries, -self.charged)
-        self.c.identity_bytes = 0
+        self._account(-self.entries, -self.charged)
         self._identity = None
         return got

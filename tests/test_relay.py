@@ -24,6 +24,7 @@ from hostrelay.protocol import (
     ResvMemType,
     Status,
     UnmapRequest,
+    pack_tail,
     parse_properties,
     unpack_resv_mem,
 )
@@ -367,12 +368,22 @@ def test_status_table() -> None:
     assert status_for(RuntimeError()) == Status.DEVERR
 
 
-def test_internal_error_becomes_deverr(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_error_becomes_deverr(relay: Relay, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     def boom(req: object) -> None:
         raise RuntimeError("bug")
 
     monkeypatch.setitem(relay._handlers, 1, boom)
     assert send(relay, AttachRequest(1, 8)) == Status.DEVERR
+    if transport == "ring":
+        return  # the rest is handle_request's own reply to a failure of its own
+    # The reply still fills the writable part (zeros, then the tail), and a
+    # writable length that is no length at all gets used length 0.
+    def broken_handle(readable: bytes, writable_len: int) -> bytes:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(relay, "_handle", broken_handle)
+    assert relay.handle_request(AttachRequest(1, 8).pack(), 12) == bytes(8) + pack_tail(Status.DEVERR)
+    assert relay.handle_request(AttachRequest(1, 8).pack(), "4") == b""  # type: ignore[arg-type]
 
 
 # --- backend hooks (issue 4 plugs VFIO in here) -----------------------------------
