@@ -932,6 +932,46 @@ int hr_relay_bench_ring(hr_relay *r, struct hr_queue *q, const uint16_t *heads, 
 	return 0;
 }
 
+__attribute__((flatten)) int hr_relay_bench_floor(hr_relay *r, struct hr_queue *q, int container_fd)
+{
+	/* The floor under hr_relay_process, for the benchmark only: the same
+	 * walk over the same ring, but each plain MAP/UNMAP goes straight to
+	 * one container's ioctl with none of the relay's work (no checks, no
+	 * table, no accounting, no lock).  What the ring would cost if the
+	 * relay did nothing but forward; never a way to serve a guest.
+	 * Returns the requests completed, or -errno (-EINVAL: a request the
+	 * floor does not handle, left available). */
+	struct hr_vq *vq = &q->vq;
+	static const struct hr_gmem_region none;
+	const struct hr_gmem_region *hot = &none;
+	struct hr_pair p;
+	struct hr_req rq;
+	int done = 0;
+	uint16_t avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+
+	while (vq->last_avail != avail_idx) {
+		if (!hr_vq_take_pair(vq, &p, HR_MAP_REQ_SIZE, &hot) || !parse_plain(p.rd, p.rlen, p.wlen, &rq)) {
+			done = -EINVAL;
+			break;
+		}
+		uint64_t size = rq.end - rq.start + 1, hva = 0, got;
+		int rc = rq.type == HR_T_UNMAP ? hr_vfio_unmap_dma(container_fd, 0, rq.start, size, &got)
+		       : piece(r, rq.phys, size, &hva) == size
+			       ? hr_vfio_map_dma(container_fd, vfio_flags(rq.flags), hva, rq.start, size)
+			       : -EFAULT;
+		if (rc < 0) {
+			done = rc;
+			break;
+		}
+		uint32_t t = HR_S_OK;
+		__builtin_memcpy(p.wr, &t, 4);
+		hr_vq_put(vq, p.head, 4);
+		done++;
+	}
+	hr_vq_publish(vq);
+	return done;
+}
+
 /* ------------------------------------------------------------- statistics */
 
 struct range {

@@ -136,6 +136,9 @@ int hr_relay_bench_map_unmap(hr_relay *r, uint32_t domain, uint64_t iova, uint64
                              uint32_t count, uint32_t spread);
 int hr_relay_bench_ring(hr_relay *r, struct hr_queue *q, const uint16_t *heads, uint32_t n,
                         uint32_t batches);
+/* The ring walk plus one container's ioctls and nothing else: the benchmark's
+ * floor under hr_relay_process (tests/bench_vfio.py), never for serving a guest. */
+int hr_relay_bench_floor(hr_relay *r, struct hr_queue *q, int container_fd);
 uint64_t hr_relay_pinned(const hr_relay *r, int64_t domain, const uint64_t *extra, uint32_t nextra,
                          uint64_t *mapped);
 int hr_status_for_errno(int err);

@@ -14,6 +14,9 @@ All figures come from one boot, so the ratios compare like with like:
   data plane's own MAP/UNMAP code in a C loop (no ring, no Python), and the
   ring with the driver's side in C too (``hr_relay_bench_ring``: the walker
   without Python between batches);
+- the ring floor: the same ring and the same Python between kicks, but each
+  request goes straight to the ioctl (``hr_relay_bench_floor``), so the ring's
+  ratio minus the floor's is what the relay's own work costs;
 - the ring in batches of 8 pairs as well, which splits the ring's cost into a
   part per pair and a part per kick (Python between kicks, under TCG);
 - a MAP+UNMAP pair through the ring in a domain with 1, 2 and 4 VFIO groups.
@@ -147,6 +150,25 @@ class RelaySetup:
         assert self.q.consume() == len(self.heads) * batches
         return spent / (batches * BATCH)
 
+    def floor(self, batches: int) -> float:
+        """The ring as in :meth:`ring`, walked by ``hr_relay_bench_floor``: the
+        same Python between kicks and the same ring walk, but each request goes
+        straight to the container's ioctl with none of the relay's work."""
+        q = self.relay._queues[0]
+        fd = self.relay.vfio_backend(0x10).container.fd
+        self.relay._sync_memory()
+        walk, c, qc = _kernel.lib.hr_relay_bench_floor, self.relay._c, q.c
+        entries = self.entries[: 4 * BATCH]
+        spent = 0.0
+        for _ in range(batches):
+            self.q.publish_packed(entries)
+            t = time.perf_counter()
+            done = walk(c, qc, fd)
+            spent += time.perf_counter() - t
+            assert done == 2 * BATCH and self.q.consume() == 2 * BATCH, done
+        assert all(self.memory.read(t, 4) == bytes(4) for t in self.tails), "a request failed"
+        return spent / (batches * BATCH)
+
     def c_loop(self, pairs: int) -> float:
         """hr_relay_map/hr_relay_unmap in a C loop: the data plane without the ring."""
         self.relay._sync_memory()
@@ -189,6 +211,7 @@ def main() -> int:
         "bare": lambda: setup.bare_ioctls(pairs),
         "cloop": lambda: setup.c_loop(pairs),
         "cring": lambda: setup.c_ring(batches),
+        "floor": lambda: setup.floor(batches),
     }
     rounds = [{name: fn() for name, fn in loops.items()} for _ in range(args.repeat)]
     raw.container.close()  # type: ignore[attr-defined]
@@ -206,12 +229,14 @@ def main() -> int:
     line("2 bare ioctl calls", "bare", ": one Python->C call per ioctl")
     line("data plane in C loop", "cloop", ": hr_relay_map/unmap, no ring")
     line("ring driven from C", "cring", ": the same ring, no Python between batches")
+    line("ring floor", "floor", ": the same ring, ioctls only, none of the relay's work")
     line(f"ring, batches of {SMALL}", "ring8", "")
     # cost(k pairs per kick) = per_pair + per_kick / k, from the two batch sizes
     # (ratios, so in raw pairs): what a kick costs beyond its requests.
     per_kick = (ratio["ring8"] - ratio["ring"]) / (1 / SMALL - 1 / BATCH)
     print(f"  split of the ring's cost: {ratio['ring'] - per_kick / BATCH:.3f}x raw per pair"
           f" + {per_kick:.2f} raw pairs per kick")
+    print(f"  the relay's own work (checks, table, accounting, lock) in the ring: {ratio['ring'] - ratio['floor']:+.3f}x raw")
     raw_cost = cost["raw"]
     print("MAP+UNMAP pair through the ring by VFIO groups in the domain")
     base = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,23 @@ def test_example_runs_and_passes(script: str, expected: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT: PASS" in proc.stdout
     assert expected in proc.stdout
+
+
+@pytest.mark.vfio(edu=2)
+def test_vfio_benchmark_runs_and_checks_itself() -> None:
+    # Not a timing test: the benchmark's loops check their own results (every
+    # request answered OK, the table empty again, the C-driven ring and the
+    # floor walker completing every chain), so running it small keeps its C
+    # helpers (hr_relay_bench_*) and its figures from rotting between runs.
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "bench_vfio.py"), "--pairs", "128", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = dict(re.findall(r"^ {2}(\S.*?) +(\d+\.\d+) us/pair", proc.stdout, re.M))
+    for label in ("raw C ioctl loop", "ring, batches of 64", "handle_request 1 by 1", "ring driven from C",
+                  "ring floor", "data plane in C loop", "1 group", "2 groups"):  # fmt: skip
+        assert float(figures[label]) > 0, (label, proc.stdout)
+    assert "the relay's own work" in proc.stdout
+    assert "4 groups: skipped (only 2 edu devices)" in proc.stdout
 
 
 @pytest.mark.skipif(bool(os.environ.get("HOSTRELAY_TESTBED")), reason="boots the testbed itself; not nested inside it")
