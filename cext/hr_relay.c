@@ -940,7 +940,8 @@ __attribute__((flatten)) int hr_relay_bench_floor(hr_relay *r, struct hr_queue *
 	 * table, no accounting, no lock).  What the ring would cost if the
 	 * relay did nothing but forward; never a way to serve a guest.
 	 * Returns the requests completed, or -errno (-EINVAL: a request the
-	 * floor does not handle, left available). */
+	 * floor does not handle, left available; -EIO: an UNMAP removed other
+	 * than the bytes it named). */
 	struct hr_vq *vq = &q->vq;
 	static const struct hr_gmem_region none;
 	const struct hr_gmem_region *hot = &none;
@@ -954,11 +955,17 @@ __attribute__((flatten)) int hr_relay_bench_floor(hr_relay *r, struct hr_queue *
 			done = -EINVAL;
 			break;
 		}
-		uint64_t size = rq.end - rq.start + 1, hva = 0, got;
-		int rc = rq.type == HR_T_UNMAP ? hr_vfio_unmap_dma(container_fd, 0, rq.start, size, &got)
-		       : piece(r, rq.phys, size, &hva) == size
-			       ? hr_vfio_map_dma(container_fd, vfio_flags(rq.flags), hva, rq.start, size)
-			       : -EFAULT;
+		uint64_t size = rq.end - rq.start + 1, hva = 0, got = 0;
+		int rc;
+		if (rq.type == HR_T_UNMAP) {
+			rc = hr_vfio_unmap_dma(container_fd, 0, rq.start, size, &got);
+			if (rc == 0 && got != size)
+				rc = -EIO; /* as the raw loop (hr_vfio_bench_map_unmap) checks */
+		} else {
+			rc = piece(r, rq.phys, size, &hva) == size
+				     ? hr_vfio_map_dma(container_fd, vfio_flags(rq.flags), hva, rq.start, size)
+				     : -EFAULT;
+		}
 		if (rc < 0) {
 			done = rc;
 			break;

@@ -96,18 +96,23 @@ class RelaySetup:
         self.entries = self.q.pack_heads(*self.heads)
 
     def ring(self, batches: int, per_kick: int = BATCH) -> float:
+        """MAP+UNMAP pairs through ``process_queue``, ``per_kick`` pairs a kick."""
+        return self._kicks(batches, per_kick, self.relay.process_queue, 0)
+
+    def _kicks(self, batches: int, per_kick: int, serve: Callable[..., int], *args: object) -> float:
         # The driver side does as little as a guest driver would between
         # kicks: under TCG it shares the one vCPU with the device, and every
         # bit of Python it runs cools the emulator's caches for the device
         # (measured: packing the 128 heads at each kick instead of once
-        # cost the ring 0.01-0.025x).  So: post the same packed chains, kick,
-        # count completions; the replies are checked once at the end.
+        # cost the ring 0.01-0.025x).  So: post the same packed chains, kick
+        # (serve(*args), the only timed part), count completions; the
+        # replies are checked once at the end.
         entries = self.entries[: 4 * per_kick]  # 2 chains of 2 bytes per pair
         spent = 0.0
         for _ in range(batches):
             self.q.publish_packed(entries)
             t = time.perf_counter()
-            done = self.relay.process_queue(0)
+            done = serve(*args)
             spent += time.perf_counter() - t
             assert done == 2 * per_kick and self.q.consume() == 2 * per_kick, done
         assert all(self.memory.read(t, 4) == bytes(4) for t in self.tails), "a request failed"
@@ -154,20 +159,9 @@ class RelaySetup:
         """The ring as in :meth:`ring`, walked by ``hr_relay_bench_floor``: the
         same Python between kicks and the same ring walk, but each request goes
         straight to the container's ioctl with none of the relay's work."""
-        q = self.relay._queues[0]
         fd = self.relay.vfio_backend(0x10).container.fd
         self.relay._sync_memory()
-        walk, c, qc = _kernel.lib.hr_relay_bench_floor, self.relay._c, q.c
-        entries = self.entries[: 4 * BATCH]
-        spent = 0.0
-        for _ in range(batches):
-            self.q.publish_packed(entries)
-            t = time.perf_counter()
-            done = walk(c, qc, fd)
-            spent += time.perf_counter() - t
-            assert done == 2 * BATCH and self.q.consume() == 2 * BATCH, done
-        assert all(self.memory.read(t, 4) == bytes(4) for t in self.tails), "a request failed"
-        return spent / (batches * BATCH)
+        return self._kicks(batches, BATCH, _kernel.lib.hr_relay_bench_floor, self.relay._c, self.relay._queues[0].c, fd)
 
     def c_loop(self, pairs: int) -> float:
         """hr_relay_map/hr_relay_unmap in a C loop: the data plane without the ring."""
