@@ -9,6 +9,7 @@ Python->C transition.  Kernel constants and struct layouts are declared with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -33,14 +34,27 @@ _sources = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
 # TCG, where each indirect jump is a lookup in the emulator, this took the
 # ring from 1.28x to 1.14x the raw ioctl loop together with the walker's
 # bursts (tests/bench_vfio.py).
+_compile = ["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
+            "-fvisibility=hidden", "-flto=auto", "-pthread"]  # fmt: skip
+_link = ["-O3", "-flto=auto", "-fvisibility=hidden", "-pthread"]
+if os.environ.get("HOSTRELAY_SANITIZE") == "1":
+    # The extension under ASan + UBSan (every UB report fatal), for a test
+    # run of the Python-driven paths (tests/test_sanitized.py).  The Python
+    # that loads it must preload the sanitizer runtimes (that test does).
+    _san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    _compile = ["-O1", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
+                "-pthread", *_san]  # fmt: skip
+    _link = ["-pthread", *_san]
+    # That test compiles with ffibuilder.compile(tmpdir=...), from another folder.
+    _sources = [str(HERE.parent / s) for s in _sources]
+
 ffibuilder.set_source(
     "hostrelay._native",
     "\n".join(f'#include "{p.stem}.h"' for p in sorted(HERE.glob("*.h"))),
     sources=_sources,
     include_dirs=[str(HERE)],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
-                        "-fvisibility=hidden", "-flto=auto", "-pthread"],
-    extra_link_args=["-O3", "-flto=auto", "-fvisibility=hidden", "-pthread"],
+    extra_compile_args=_compile,
+    extra_link_args=_link,
 )
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HR_MAX_WRITABLE (1u << 20) /* as relay.MAX_WRITABLE */
 #define HR_MAP_REQ_SIZE 36         /* head + struct virtio_iommu_req_map body */
 #define HR_UNMAP_REQ_SIZE 28
 
@@ -26,6 +25,7 @@ struct hr_domain {
 struct hr_relay {
 	struct hr_gmem mem;
 	uint64_t granule, input_start, input_end, max_mappings;
+	uint64_t max_writable; /* the longest writable part answered (relay.MAX_WRITABLE) */
 	uint32_t domain_start, domain_end, map_flags_mask;
 	uint64_t memlock_limit, memlock_baseline, charged;
 	uint32_t ndom, capdom;
@@ -177,14 +177,6 @@ static uint32_t vfio_flags(uint32_t flags)
 
 static int c_map(struct hr_container *c, uint64_t iova, uint64_t size, uint64_t hva, uint32_t vf)
 {
-	if (c->fail_errno) {
-		if (c->fail_after == 0) {
-			int err = c->fail_errno;
-			c->fail_errno = 0;
-			return -err;
-		}
-		c->fail_after--;
-	}
 	return hr_vfio_map_dma(c->fd, vf, hva, iova, size);
 }
 
@@ -291,7 +283,7 @@ const struct hr_gmem *hr_relay_memory(const hr_relay *r)
 
 void hr_relay_configure(hr_relay *r, uint64_t granule, uint64_t input_start, uint64_t input_end,
 			uint32_t domain_start, uint32_t domain_end, uint32_t map_flags_mask,
-			uint64_t max_mappings)
+			uint64_t max_mappings, uint64_t max_writable)
 {
 	/* The granule is page_size_mask's lowest set bit (§5.13.4), a power of
 	 * two, so alignment is a mask test (divisions are slow under TCG). */
@@ -304,6 +296,7 @@ void hr_relay_configure(hr_relay *r, uint64_t granule, uint64_t input_start, uin
 	r->domain_end = domain_end;
 	r->map_flags_mask = map_flags_mask;
 	r->max_mappings = max_mappings;
+	r->max_writable = max_writable;
 }
 
 void hr_relay_set_memlock(hr_relay *r, uint64_t limit, uint64_t baseline)
@@ -587,13 +580,7 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 			uint64_t got = 0;
 			/* One ioctl for the whole run: type1v2 removes every
 			 * vfio_dma inside it and reports the bytes it removed. */
-			int rc;
-			if (c->fail_unmap_errno) {
-				rc = -c->fail_unmap_errno;
-				c->fail_unmap_errno = 0;
-			} else {
-				rc = hr_vfio_unmap_dma(c->fd, 0, cv.first, cv.last - cv.first + 1, &got);
-			}
+			int rc = hr_vfio_unmap_dma(c->fd, 0, cv.first, cv.last - cv.first + 1, &got);
 			if (rc < 0) {
 				for (uint32_t j = 0; j < i; j++) {
 					remap_covered(r, d->cont[j], d->table, vs, ve);
@@ -712,7 +699,7 @@ int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_
 		return -1; /* the control plane's (Python) request */
 	/* A MAP/UNMAP split any other way is refused undecoded. */
 	result_init(res, type, 0, 0, 0);
-	if (rlen < 4 || wlen < 4 || wlen > HR_MAX_WRITABLE)
+	if (rlen < 4 || wlen < 4 || wlen > r->max_writable)
 		return 0; /* no place for a tail: used length 0 */
 	tail[0] = (uint8_t)refuse(res, HR_S_INVAL, HR_R_FRAMING);
 	return (int64_t)wlen;
@@ -814,11 +801,15 @@ __attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
 	q->nerrs = 0;
 	if (!vq->ready)
 		return HR_PROCESS_IDLE;
+	if (vq->broken)
+		return HR_PROCESS_BROKEN;
 	for (;;) {
 		if (vq->last_avail == avail_idx) {
 			avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
 			if (vq->last_avail == avail_idx)
 				return process_exit(q, HR_PROCESS_IDLE, completed, nerrs);
+			if (!hr_vq_avail_ok(vq, avail_idx))
+				return process_exit(q, HR_PROCESS_BROKEN, completed, nerrs);
 		}
 		if (nerrs == HR_QUEUE_ERRS)
 			return process_exit(q, HR_PROCESS_FULL, completed, nerrs);
@@ -871,7 +862,17 @@ __attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
 
 		/* Anything else, one chain at a time. */
 		struct hr_chain *c = &q->chain;
-		if (hr_vq_pop(vq, c, &why) < 0) {
+		int got = hr_vq_pop(vq, c, &why);
+		if (vq->broken)
+			return process_exit(q, HR_PROCESS_BROKEN, completed, nerrs);
+		if (got == 0) {
+			/* The index in guest memory no longer says there is one
+			 * (the driver, or the device's own reply over a ring the
+			 * guest overlapped, rewrote it): read it again. */
+			avail_idx = vq->last_avail;
+			continue;
+		}
+		if (got < 0) {
 			/* Malformed chain: complete it with used length 0. */
 			hr_vq_put(vq, c->head, 0);
 			completed++;

@@ -59,12 +59,7 @@ struct hr_container {
 	uint32_t avail;          /* vfio_dma entries left (DMA_AVAIL, tracked) */
 	uint64_t entries;        /* vfio_dma entries the relay created */
 	uint64_t charged;        /* bytes type1 charged to locked_vm for them */
-	/* Fault injection for tests: the (fail_after + 1)-th next MAP ioctl on
-	 * this container fails with fail_errno, the next UNMAP ioctl of a guest
-	 * UNMAP with fail_unmap_errno (0 = off; each fires once). */
-	int32_t fail_errno;
-	uint32_t fail_after;
-	int32_t fail_unmap_errno;
+	/* Tests make its ioctls fail through hr_vfio_fail_next (hr_vfio.h). */
 };
 
 typedef struct hr_relay hr_relay;
@@ -75,7 +70,7 @@ int hr_relay_set_memory(hr_relay *r, const struct hr_gmem_region *regions, uint3
 const struct hr_gmem *hr_relay_memory(const hr_relay *r);
 void hr_relay_configure(hr_relay *r, uint64_t granule, uint64_t input_start, uint64_t input_end,
                         uint32_t domain_start, uint32_t domain_end, uint32_t map_flags_mask,
-                        uint64_t max_mappings);
+                        uint64_t max_mappings, uint64_t max_writable);
 void hr_relay_set_memlock(hr_relay *r, uint64_t limit, uint64_t baseline);
 uint64_t hr_relay_charged(const hr_relay *r);
 
@@ -119,7 +114,8 @@ enum {
 	HR_PROCESS_IDLE = 0,   /* nothing left available */
 	HR_PROCESS_CALLER = 1, /* q->chain is a request for the control plane: serve it, call again */
 	HR_PROCESS_FULL = 2,   /* errs[] is full: report them, call again */
-	HR_PROCESS_CODE = 3,
+	HR_PROCESS_BROKEN = 3, /* the queue broke (hr_vq.broken): the device needs a reset */
+	HR_PROCESS_CODE = 3,   /* the mask of the code bits */
 	HR_PROCESS_ERRORS = 4,
 	HR_PROCESS_SHIFT = 3,
 };

@@ -1,33 +1,124 @@
-/* See hr_vfio.h.  Each wrapper is one ioctl; -errno on failure. */
+/* See hr_vfio.h.  Each wrapper is one ioctl (or close); -errno on failure. */
 #include "hr_vfio.h"
 
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <unistd.h>
 
 static inline int hr_ret(int rc)
 {
 	return rc < 0 ? -errno : rc;
 }
 
+/* ------------------------------------------------------------ test hook */
+
+static struct {
+	uint32_t on;       /* the only word a wrapper reads: counting || mask */
+	uint32_t counting;
+	uint32_t mask;     /* operations the armed injection counts; 0 = disarmed */
+	uint32_t nth;      /* calls among them still to let through */
+	int err;
+	int failed_fd;
+	uint64_t calls[HR_VFIO_NOPS];
+} hook = { .failed_fd = -1 };
+
+/* noinline and cold: the wrappers are inlined into the data plane's
+ * flattened request path (cext/hr_relay.c), which must only carry the test
+ * of hook.on, not this. */
+static __attribute__((noinline, cold)) int hook_call(uint32_t op, int fd)
+{
+	if (hook.counting)
+		hook.calls[__builtin_ctz(op)]++;
+	if (!(hook.mask & op))
+		return 0;
+	if (hook.nth) {
+		hook.nth--;
+		return 0;
+	}
+	hook.mask = 0;
+	hook.on = hook.counting;
+	hook.failed_fd = fd;
+	return -hook.err;
+}
+
+/* 0, or the made-up -errno the wrapper must return instead of its ioctl. */
+#define HOOK(op, fd) (__builtin_expect(hook.on != 0, 0) ? hook_call((op), (fd)) : 0)
+
+void hr_vfio_fail_next(uint32_t op_mask, uint32_t nth, int err)
+{
+	hook.mask = err > 0 ? op_mask & HR_VFIO_OP_ALL : 0;
+	hook.nth = nth;
+	hook.err = err;
+	hook.on = hook.counting | hook.mask;
+}
+
+int hr_vfio_fail_pending(void)
+{
+	return hook.mask != 0;
+}
+
+int hr_vfio_fail_fd(void)
+{
+	return hook.failed_fd;
+}
+
+void hr_vfio_count_calls(int on)
+{
+	if (on) {
+		memset(hook.calls, 0, sizeof(hook.calls));
+		hook.failed_fd = -1;
+	}
+	hook.counting = !!on;
+	hook.on = hook.counting | hook.mask;
+}
+
+uint64_t hr_vfio_call_count(uint32_t op_mask)
+{
+	uint64_t n = 0;
+
+	for (int i = 0; i < HR_VFIO_NOPS; i++)
+		if (op_mask & (1u << i))
+			n += hook.calls[i];
+	return n;
+}
+
+/* ------------------------------------------------------------- wrappers */
+
 int hr_vfio_get_api_version(int container_fd)
 {
+	int inj = HOOK(HR_VFIO_OP_GET_API_VERSION, container_fd);
+
+	if (inj)
+		return inj;
 	return hr_ret(ioctl(container_fd, VFIO_GET_API_VERSION));
 }
 
 int hr_vfio_check_extension(int container_fd, int extension)
 {
+	int inj = HOOK(HR_VFIO_OP_CHECK_EXTENSION, container_fd);
+
+	if (inj)
+		return inj;
 	/* The extension id is passed by value, not by pointer. */
 	return hr_ret(ioctl(container_fd, VFIO_CHECK_EXTENSION, (unsigned long)extension));
 }
 
 int hr_vfio_set_iommu(int container_fd, int iommu_type)
 {
+	int inj = HOOK(HR_VFIO_OP_SET_IOMMU, container_fd);
+
+	if (inj)
+		return inj;
 	return hr_ret(ioctl(container_fd, VFIO_SET_IOMMU, (unsigned long)iommu_type));
 }
 
 int hr_vfio_group_get_status(int group_fd, uint32_t *flags)
 {
+	int inj = HOOK(HR_VFIO_OP_GROUP_GET_STATUS, group_fd);
+
+	if (inj)
+		return inj;
 	struct vfio_group_status st = { .argsz = sizeof(st) };
 	int rc = ioctl(group_fd, VFIO_GROUP_GET_STATUS, &st);
 
@@ -39,17 +130,29 @@ int hr_vfio_group_get_status(int group_fd, uint32_t *flags)
 
 int hr_vfio_group_set_container(int group_fd, int container_fd)
 {
+	int inj = HOOK(HR_VFIO_OP_GROUP_SET_CONTAINER, group_fd);
+
+	if (inj)
+		return inj;
 	/* The kernel does get_user(fd, (int __user *)arg): a pointer to the fd. */
 	return hr_ret(ioctl(group_fd, VFIO_GROUP_SET_CONTAINER, &container_fd));
 }
 
 int hr_vfio_group_unset_container(int group_fd)
 {
+	int inj = HOOK(HR_VFIO_OP_GROUP_UNSET_CONTAINER, group_fd);
+
+	if (inj)
+		return inj;
 	return hr_ret(ioctl(group_fd, VFIO_GROUP_UNSET_CONTAINER));
 }
 
 int hr_vfio_group_get_device_fd(int group_fd, const char *name)
 {
+	int inj = HOOK(HR_VFIO_OP_GROUP_GET_DEVICE_FD, group_fd);
+
+	if (inj)
+		return inj;
 	/* Returns the new device fd (already O_CLOEXEC) as the ioctl's value,
 	 * which is why this cannot be done with Python's fcntl.ioctl. */
 	return hr_ret(ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, name));
@@ -57,23 +160,39 @@ int hr_vfio_group_get_device_fd(int group_fd, const char *name)
 
 int hr_vfio_device_get_info(int device_fd, struct vfio_device_info *info)
 {
+	int inj = HOOK(HR_VFIO_OP_DEVICE_GET_INFO, device_fd);
+
+	if (inj)
+		return inj;
 	info->argsz = sizeof(*info);
 	return hr_ret(ioctl(device_fd, VFIO_DEVICE_GET_INFO, info));
 }
 
 int hr_vfio_device_get_region_info(int device_fd, struct vfio_region_info *info)
 {
+	int inj = HOOK(HR_VFIO_OP_DEVICE_GET_REGION_INFO, device_fd);
+
+	if (inj)
+		return inj;
 	info->argsz = sizeof(*info);
 	return hr_ret(ioctl(device_fd, VFIO_DEVICE_GET_REGION_INFO, info));
 }
 
 int hr_vfio_device_reset(int device_fd)
 {
+	int inj = HOOK(HR_VFIO_OP_DEVICE_RESET, device_fd);
+
+	if (inj)
+		return inj;
 	return hr_ret(ioctl(device_fd, VFIO_DEVICE_RESET));
 }
 
 int hr_vfio_iommu_get_info(int container_fd, void *buf, uint32_t bufsz)
 {
+	int inj = HOOK(HR_VFIO_OP_IOMMU_GET_INFO, container_fd);
+
+	if (inj)
+		return inj;
 	struct vfio_iommu_type1_info *info = buf;
 
 	if (bufsz < sizeof(*info))
@@ -86,8 +205,10 @@ int hr_vfio_iommu_get_info(int container_fd, void *buf, uint32_t bufsz)
 	return hr_ret(ioctl(container_fd, VFIO_IOMMU_GET_INFO, info));
 }
 
-int hr_vfio_map_dma(int container_fd, uint32_t flags, uint64_t vaddr,
-		    uint64_t iova, uint64_t size)
+/* The two ioctls of the data plane, without the hook: the wrappers below
+ * add it, the benchmark's baseline loop uses these bare. */
+static inline int raw_map_dma(int container_fd, uint32_t flags, uint64_t vaddr, uint64_t iova,
+			      uint64_t size)
 {
 	struct vfio_iommu_type1_dma_map map = {
 		.argsz = sizeof(map),
@@ -99,8 +220,8 @@ int hr_vfio_map_dma(int container_fd, uint32_t flags, uint64_t vaddr,
 	return hr_ret(ioctl(container_fd, VFIO_IOMMU_MAP_DMA, &map));
 }
 
-int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
-		      uint64_t size, uint64_t *unmapped)
+static inline int raw_unmap_dma(int container_fd, uint32_t flags, uint64_t iova, uint64_t size,
+				uint64_t *unmapped)
 {
 	struct vfio_iommu_type1_dma_unmap unmap = {
 		.argsz = sizeof(unmap),
@@ -117,19 +238,51 @@ int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
 	return 0;
 }
 
+int hr_vfio_map_dma(int container_fd, uint32_t flags, uint64_t vaddr,
+		    uint64_t iova, uint64_t size)
+{
+	int inj = HOOK(HR_VFIO_OP_MAP_DMA, container_fd);
+
+	if (inj)
+		return inj;
+	return raw_map_dma(container_fd, flags, vaddr, iova, size);
+}
+
+int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
+		      uint64_t size, uint64_t *unmapped)
+{
+	int inj = HOOK(HR_VFIO_OP_UNMAP_DMA, container_fd);
+
+	if (inj)
+		return inj;
+	return raw_unmap_dma(container_fd, flags, iova, size, unmapped);
+}
+
+int hr_vfio_close(int fd)
+{
+	int inj = HOOK(HR_VFIO_OP_CLOSE, fd);
+	/* Closed even when the hook makes up a failure: Linux (6.12 as in all
+	 * earlier versions, see close(2)) releases the descriptor first and
+	 * only then runs the steps that can fail, so a failing close has
+	 * still closed the fd, and that is what the caller must see. */
+	int rc = hr_ret(close(fd));
+
+	return inj ? inj : rc;
+}
+
 int hr_vfio_bench_map_unmap(int container_fd, uint64_t vaddr, uint64_t iova,
 			    uint64_t size, uint32_t count, uint32_t spread)
 {
-	/* The baseline for benchmarks: the raw ioctl pair with no bookkeeping,
-	 * cycling over `spread` consecutive IOVAs/pages like a guest would. */
+	/* The baseline for benchmarks: the raw ioctl pair with no bookkeeping
+	 * (not even the test hook's check), cycling over `spread` consecutive
+	 * IOVAs/pages like a guest would. */
 	for (uint32_t i = 0; i < count; i++) {
 		uint64_t unmapped = 0, off = spread ? (i % spread) * size : 0;
-		int rc = hr_vfio_map_dma(container_fd,
-					 VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-					 vaddr + off, iova + off, size);
+		int rc = raw_map_dma(container_fd, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+				     vaddr + off, iova + off, size);
 		if (rc < 0)
 			return rc;
-		rc = hr_vfio_unmap_dma(container_fd, 0, iova + off, size, &unmapped);
+		rc = raw_unmap_dma(container_fd, 0, iova + off, size, &unmapped);
 		if (rc < 0)
 			return rc;
 		if (unmapped != size)

@@ -38,5 +38,51 @@ int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
                       uint64_t size, uint64_t *unmapped);
 int hr_vfio_bench_map_unmap(int container_fd, uint64_t vaddr, uint64_t iova,
                             uint64_t size, uint32_t count, uint32_t spread);
+/* close(2) of a container, group or device fd: through here so that the
+ * test hook below reaches it too.  The fd is released whatever it returns. */
+int hr_vfio_close(int fd);
+
+/* Test hook: kernel calls that fail on purpose, and a count of them.
+ *
+ * Each wrapper above is one operation (HR_VFIO_OP_*; the benchmark loop is
+ * not one: it is the raw baseline).  hr_vfio_fail_next(mask, nth, err) arms
+ * one injection: among the next calls of the operations in mask, the call
+ * with index nth (0 = the very next one) returns -err without issuing its
+ * ioctl, and the hook disarms itself.  HR_VFIO_OP_CLOSE is the exception:
+ * the descriptor is closed anyway and only the error is made up, because
+ * Linux releases an fd before close(2) can fail, so a close that "did not
+ * happen" is not something the kernel can do.  hr_vfio_count_calls(1)
+ * zeroes the per-operation counters and counts every wrapper call
+ * (injected ones included) until hr_vfio_count_calls(0); the counters stay
+ * readable after it.  hr_vfio_fail_fd() is the fd of the call that was
+ * failed last (-1 if none).
+ *
+ * Cost when unused: each wrapper reads one word and takes a branch that is
+ * never taken.  Process-wide and not synchronised: for tests that arm it
+ * and make the calls from one thread (or under the relay's lock).
+ */
+enum hr_vfio_op {
+	HR_VFIO_OP_GET_API_VERSION = 1u << 0,
+	HR_VFIO_OP_CHECK_EXTENSION = 1u << 1,
+	HR_VFIO_OP_SET_IOMMU = 1u << 2,
+	HR_VFIO_OP_GROUP_GET_STATUS = 1u << 3,
+	HR_VFIO_OP_GROUP_SET_CONTAINER = 1u << 4,
+	HR_VFIO_OP_GROUP_UNSET_CONTAINER = 1u << 5,
+	HR_VFIO_OP_GROUP_GET_DEVICE_FD = 1u << 6,
+	HR_VFIO_OP_DEVICE_GET_INFO = 1u << 7,
+	HR_VFIO_OP_DEVICE_GET_REGION_INFO = 1u << 8,
+	HR_VFIO_OP_DEVICE_RESET = 1u << 9,
+	HR_VFIO_OP_IOMMU_GET_INFO = 1u << 10,
+	HR_VFIO_OP_MAP_DMA = 1u << 11,
+	HR_VFIO_OP_UNMAP_DMA = 1u << 12,
+	HR_VFIO_OP_CLOSE = 1u << 13,
+	HR_VFIO_NOPS = 14,
+	HR_VFIO_OP_ALL = (1u << 14) - 1,
+};
+void hr_vfio_fail_next(uint32_t op_mask, uint32_t nth, int err);
+int hr_vfio_fail_pending(void);
+int hr_vfio_fail_fd(void);
+void hr_vfio_count_calls(int on);
+uint64_t hr_vfio_call_count(uint32_t op_mask);
 
 #endif

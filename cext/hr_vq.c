@@ -52,20 +52,29 @@ int hr_vq_setup(struct hr_vq *vq, const struct hr_gmem *mem, uint32_t size,
 	return 0;
 }
 
-uint32_t hr_vq_pending(const struct hr_vq *vq)
+uint32_t hr_vq_pending(struct hr_vq *vq)
 {
-	if (!vq->ready)
+	if (!vq->ready || vq->broken)
 		return 0;
 	uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
-	return (uint16_t)(idx - vq->last_avail);
+	return hr_vq_avail_ok(vq, idx) ? (uint16_t)(idx - vq->last_avail) : 0;
 }
 
 static int add_seg(struct hr_chain *c, const struct hr_gmem *mem, uint64_t addr, uint32_t len,
 		   int writable)
 {
+	if (!writable && c->wseen)
+		return HR_VQ_ORDER; /* §2.7.4.2: readable before writable */
+	if (writable)
+		c->wseen = 1;
+	/* A zero-length descriptor carries no byte, so it is not kept (only its
+	 * direction counts, above): its address need not be in guest RAM, and
+	 * no segment without a host address reaches hr_chain_read/write
+	 * (memcpy from NULL is undefined even for 0 bytes). */
+	if (!len)
+		return HR_VQ_OK;
 	void *p = hr_gmem_ptr(mem, addr, len);
-
-	if (!p && len)
+	if (!p)
 		return HR_VQ_BAD_ADDR;
 	if (writable) {
 		if (c->nwrite == HR_CHAIN_MAX_SEGS)
@@ -73,8 +82,6 @@ static int add_seg(struct hr_chain *c, const struct hr_gmem *mem, uint64_t addr,
 		c->wr[c->nwrite++] = (struct hr_seg){ (uint64_t)(uintptr_t)p, len };
 		c->write_len += len;
 	} else {
-		if (c->nwrite)
-			return HR_VQ_ORDER; /* §2.7.4.2: readable before writable */
 		if (c->nread == HR_CHAIN_MAX_SEGS)
 			return HR_VQ_TOO_LONG;
 		c->rd[c->nread++] = (struct hr_seg){ (uint64_t)(uintptr_t)p, len };
@@ -123,10 +130,17 @@ int hr_vq_pop(struct hr_vq *vq, struct hr_chain *chain, int *why)
 	uint32_t head = __atomic_load_n(&vq->avail->ring[slot], __ATOMIC_RELAXED);
 
 	vq->last_avail++;
-	chain->head = head;
-	chain->nread = chain->nwrite = 0;
+	chain->nread = chain->nwrite = chain->wseen = 0;
 	chain->read_len = chain->write_len = 0;
-	int rc = head >= vq->size ? HR_VQ_BAD_HEAD : walk(chain, vq->mem, vq->desc, vq->size, head, 1);
+	int rc;
+	if (head >= vq->size) {
+		vq->broken = 1;
+		chain->head = UINT32_MAX; /* never a descriptor: nothing to complete */
+		rc = HR_VQ_BAD_HEAD;
+	} else {
+		chain->head = head;
+		rc = walk(chain, vq->mem, vq->desc, vq->size, head, 1);
+	}
 	if (why)
 		*why = rc;
 	return rc == HR_VQ_OK ? 1 : -1;

@@ -46,6 +46,7 @@ struct hr_chain {
 	uint32_t nwrite; /* device-writable segments */
 	uint64_t read_len;
 	uint64_t write_len;
+	uint32_t wseen;  /* a device-writable descriptor was met (zero-length ones are not kept) */
 	struct hr_seg rd[HR_CHAIN_MAX_SEGS];
 	struct hr_seg wr[HR_CHAIN_MAX_SEGS];
 };
@@ -59,9 +60,17 @@ struct hr_vq {
 	uint16_t last_avail;
 	uint16_t used_idx;
 	uint32_t ready;
+	/* The driver made an impossible head available (an avail entry >= size),
+	 * or moved the avail index more than size ahead (hr_vq_avail_ok): no
+	 * used element can name it, so the queue stops until the device is
+	 * reset (virtio 1.2 §2.1.2: DEVICE_NEEDS_RESET; QEMU's virtio_error
+	 * does the same).  hr_vq_pending is then 0. */
+	uint32_t broken;
 };
 
-/* Why a chain was refused (hr_vq_pop returns -1 and sets chain->head). */
+/* Why a chain was refused (hr_vq_pop returns -1 and sets chain->head, a
+ * valid descriptor index to complete with used length 0, except for
+ * HR_VQ_BAD_HEAD, which breaks the queue instead: see hr_vq.broken). */
 enum hr_vq_error {
 	HR_VQ_OK = 0,
 	HR_VQ_BAD_HEAD = 1,
@@ -188,7 +197,22 @@ static inline int hr_vq_take_pair(struct hr_vq *vq, struct hr_pair *p, uint32_t 
 	vq->last_avail++;
 	return 1;
 }
-uint32_t hr_vq_pending(const struct hr_vq *vq);
+/* Chains available and not yet taken (0 once the queue is broken). */
+uint32_t hr_vq_pending(struct hr_vq *vq);
+
+/* The driver may not make more than the queue size available beyond what the
+ * device has taken (§2.7.6: idx only grows, by the buffers it adds, and a
+ * ring holds size of them); an avail index that says more is impossible and
+ * breaks the queue (QEMU: "Guest moved avail index").  Besides being the
+ * spec's, this bounds one walk: without it a guest rewriting its index
+ * could keep the walker going forever. */
+static inline int hr_vq_avail_ok(struct hr_vq *vq, uint16_t avail_idx)
+{
+	if ((uint16_t)(avail_idx - vq->last_avail) <= vq->size)
+		return 1;
+	vq->broken = 1;
+	return 0;
+}
 uint64_t hr_chain_read(const struct hr_chain *c, void *buf, uint64_t cap);
 uint64_t hr_chain_write(const struct hr_chain *c, const void *buf, uint64_t len);
 

@@ -1,22 +1,38 @@
 """The one seam to the kernel: every call into the compiled VFIO wrappers.
 
 Nothing else in hostrelay calls ``hostrelay._native.lib.hr_vfio_*``.  Each
-function here does one ioctl and turns a negative return (``-errno``, preserved
-by the C side) into the typed :mod:`hostrelay.errors` exception.  A stateful
-fake for unit tests only needs to replace this module's functions.
+function here does one ioctl (or ``close``) and turns a negative return
+(``-errno``, preserved by the C side) into the typed :mod:`hostrelay.errors`
+exception.  A stateful fake for unit tests only needs to replace this module's
+functions.
+
+Test hook: :func:`inject_failure` makes one chosen wrapper call fail with a
+chosen errno without reaching the kernel, and :func:`counting` /
+:func:`call_counts` count the calls per :class:`Op`.  Both act in C, under the
+Python functions here *and* under the C data plane's own MAP/UNMAP ioctls
+(cext/hr_relay.c), so a test can fail any kernel call the relay makes.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hostrelay._native import ffi, lib
 from hostrelay.errors import vfio_error
 
 __all__ = [
+    "Injection",
+    "Op",
     "buffer_address",
+    "call_counts",
     "check_extension",
+    "close",
     "const",
+    "counting",
     "device_get_info",
     "device_get_region_info",
     "device_reset",
@@ -25,6 +41,7 @@ __all__ = [
     "group_get_status",
     "group_set_container",
     "group_unset_container",
+    "inject_failure",
     "iommu_get_info",
     "map_dma",
     "set_iommu",
@@ -156,6 +173,106 @@ def bench_map_unmap(fd: int, vaddr: int, iova: int, size: int, count: int, sprea
     """
     _check(lib.hr_vfio_bench_map_unmap(fd, vaddr, iova, size, count, spread), "bench MAP/UNMAP",
            path=None, fd=fd, iova=iova, size=size)  # fmt: skip
+
+
+def close(fd: int, path: str | None = None) -> None:
+    """``close(2)`` of a VFIO fd.  The fd is released even when this raises
+    (Linux frees it before the steps that can fail), so never retry it."""
+    _check(lib.hr_vfio_close(fd), "close", path=path, fd=fd)
+
+
+# --- test hook ------------------------------------------------------------------
+
+
+class Op(enum.IntFlag):
+    """The wrapper operations of cext/hr_vfio.c, as the test hook names them."""
+
+    GET_API_VERSION = lib.HR_VFIO_OP_GET_API_VERSION
+    CHECK_EXTENSION = lib.HR_VFIO_OP_CHECK_EXTENSION
+    SET_IOMMU = lib.HR_VFIO_OP_SET_IOMMU
+    GROUP_GET_STATUS = lib.HR_VFIO_OP_GROUP_GET_STATUS
+    GROUP_SET_CONTAINER = lib.HR_VFIO_OP_GROUP_SET_CONTAINER
+    GROUP_UNSET_CONTAINER = lib.HR_VFIO_OP_GROUP_UNSET_CONTAINER
+    GROUP_GET_DEVICE_FD = lib.HR_VFIO_OP_GROUP_GET_DEVICE_FD
+    DEVICE_GET_INFO = lib.HR_VFIO_OP_DEVICE_GET_INFO
+    DEVICE_GET_REGION_INFO = lib.HR_VFIO_OP_DEVICE_GET_REGION_INFO
+    DEVICE_RESET = lib.HR_VFIO_OP_DEVICE_RESET
+    IOMMU_GET_INFO = lib.HR_VFIO_OP_IOMMU_GET_INFO
+    MAP_DMA = lib.HR_VFIO_OP_MAP_DMA
+    UNMAP_DMA = lib.HR_VFIO_OP_UNMAP_DMA
+    CLOSE = lib.HR_VFIO_OP_CLOSE
+    ALL = lib.HR_VFIO_OP_ALL
+
+
+class Injection:
+    """One armed failure (from :func:`inject_failure`); ``fired`` says whether it hit."""
+
+    def __init__(self, op: Op, nth: int, err: int) -> None:
+        self.op = op
+        self.nth = nth
+        self.err = err
+        self._done: bool | None = None  # set when the context exits
+        self.fd = -1
+
+    @property
+    def fired(self) -> bool:
+        """True once the chosen call has failed."""
+        if self._done is not None:
+            return self._done
+        return not lib.hr_vfio_fail_pending()
+
+    def __repr__(self) -> str:
+        return f"Injection({self.op!r}, nth={self.nth}, err={self.err}, fired={self.fired})"
+
+
+@contextmanager
+def inject_failure(op: Op, nth: int = 0, err: int = errno.EIO) -> Iterator[Injection]:
+    """Test hook: inside the ``with``, the ``nth`` next call (0 = the next one)
+    among the wrapper operations in ``op`` returns ``-err`` without issuing its
+    ioctl, once.
+
+    Reaches the C data plane's MAP/UNMAP ioctls as well as this module's
+    functions.  :attr:`Op.CLOSE` still closes the fd (a failing ``close`` on
+    Linux has closed it) and only reports ``err``.  After the ``with`` the
+    hook is disarmed whether or not it fired; :attr:`Injection.fired` and
+    :attr:`Injection.fd` (the fd of the failed call) tell what happened.
+    Process-wide and not for concurrent use: one injection at a time.
+    """
+    if not op or op & ~Op.ALL:
+        raise ValueError(f"not a set of wrapper operations: {op!r}")
+    if nth < 0 or err <= 0:
+        raise ValueError("nth must be >= 0 and err a positive errno")
+    if lib.hr_vfio_fail_pending():
+        raise RuntimeError("another injection is armed")
+    injection = Injection(op, nth, err)
+    lib.hr_vfio_fail_next(int(op), nth, err)
+    try:
+        yield injection
+    finally:
+        injection._done = not lib.hr_vfio_fail_pending()
+        injection.fd = int(lib.hr_vfio_fail_fd()) if injection._done else -1
+        lib.hr_vfio_fail_next(0, 0, 0)
+
+
+@contextmanager
+def counting() -> Iterator[None]:
+    """Test hook: count every wrapper call made inside the ``with`` (from zero).
+
+    Read the counts with :func:`call_counts`, inside or after the ``with``
+    (they stay until the next :func:`counting`).  Outside it nothing is
+    counted, so the data plane pays nothing.
+    """
+    lib.hr_vfio_count_calls(1)
+    try:
+        yield
+    finally:
+        lib.hr_vfio_count_calls(0)
+
+
+def call_counts() -> dict[Op, int]:
+    """Test hook: wrapper calls per operation counted by the last :func:`counting`,
+    injected failures included; every operation is listed, zero or not."""
+    return {op: int(lib.hr_vfio_call_count(int(op))) for op in Op if op is not Op.ALL}
 
 
 def buffer_address(buf: Any) -> int:

@@ -117,6 +117,7 @@ _PROCESS_ERRORS: int = lib.HR_PROCESS_ERRORS
 _PROCESS_CODE: int = lib.HR_PROCESS_CODE
 _PROCESS_CALLER: int = lib.HR_PROCESS_CALLER
 _PROCESS_IDLE: int = lib.HR_PROCESS_IDLE
+_PROCESS_BROKEN: int = lib.HR_PROCESS_BROKEN
 _PROCESS_ANY = _PROCESS_CODE | _PROCESS_ERRORS  # anything but "all done"
 _FAST_REPORT = lib.HR_FAST_REPORT
 _TAILS: tuple[bytes, ...] = tuple(pack_tail(s) for s in range(256))
@@ -129,9 +130,19 @@ DEFAULT_PAGE_SIZE_MASK = U64_MAX & ~0xFFF
 DEFAULT_MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
 # Room for 21 RESV_MEM properties; QEMU uses the same size.
 DEFAULT_PROBE_SIZE = 512
-# A writable part larger than this cannot be a virtio-iommu reply; the device
-# treats the chain as unparseable rather than allocate a reply that big.
-MAX_WRITABLE = 1 << 20
+# The longest readable part of any request (PROBE's head + body, 72 bytes).  A
+# chain whose readable part is longer is none of them (INVAL, or used length 0
+# for an unknown type, as any size mismatch) and is read no further than one
+# byte past this: the guest controls that length, and a copy of it would let
+# it make the host allocate as much as it has RAM.
+MAX_READABLE = max(cls.readable_size() for cls in REQUEST_CLASSES.values())
+# The longest writable part the device answers.  A refused request's reply
+# fills the writable part (zeros, then the tail: the Linux driver reads the
+# status only when the used length equals the writable length), so this bounds
+# what one request can make the host build and write.  64 KiB is 128 times
+# QEMU's probe_size; a longer writable part cannot be a virtio-iommu reply
+# and the chain is unparseable (used length 0, nothing written).
+MAX_WRITABLE = 64 << 10
 # Fault records kept until pop_events(); 5.13.6.9 lets the device drop events
 # when no buffer is available, and the eventq has 256 entries in practice.
 DEFAULT_EVENT_LIMIT = 256
@@ -206,7 +217,7 @@ class _Queue:
         self.c = ffi.new("struct hr_queue *")
         self.vq = ffi.addressof(self.c, "vq")
         self.chain = ffi.addressof(self.c, "chain")
-        self.buf = ffi.new("uint8_t[]", 4096)
+        self.buf = ffi.new("uint8_t[]", MAX_READABLE + 1)  # _serve_pending reads no more
 
 
 class _Endpoint:
@@ -352,8 +363,8 @@ class Relay:
             raise ValueError("bad input_range")
         if not 0 <= domain_range[0] <= domain_range[1] <= U32_MAX:
             raise ValueError("bad domain_range")
-        if probe and not 0 <= probe_size <= U32_MAX:
-            raise ValueError("bad probe_size")
+        if probe and not 0 <= probe_size <= MAX_WRITABLE - TAIL_SIZE:
+            raise ValueError(f"probe_size must be 0 to {MAX_WRITABLE - TAIL_SIZE}")
         self.memory = memory
         # As configured; add_vfio_endpoint() narrows the live values below.
         self._user_page_size_mask = page_size_mask
@@ -515,7 +526,7 @@ class Relay:
         """Push the config MAP checks depend on into the C data plane."""
         lib.hr_relay_configure(self._c, self._granule, self._input_start, self._input_end,
                                self._domain_start, self._domain_end, int(self._map_flags_mask),
-                               self._max_mappings or 0)  # fmt: skip
+                               self._max_mappings or 0, MAX_WRITABLE)  # fmt: skip
 
     def _sync_memory(self) -> None:
         """Give C the current guest RAM layout (GuestMemory may grow after construction)."""
@@ -737,10 +748,18 @@ class Relay:
         return b
 
     def close(self) -> None:
-        """Close every VFIO device, group and container (the kernel unpins everything)."""
+        """Close every VFIO device, group and container (the kernel unpins everything).
+
+        A ``close`` the kernel fails is logged and the rest carries on: Linux
+        has released the fd by then, so there is nothing left to retry and
+        nothing to leak.
+        """
         with self._lock:
             for b in self._vfio.values():
-                b.close()
+                try:
+                    b.close()
+                except OSError as exc:
+                    log.warning("closing the container of group %d: %s", b.group_id, exc)
             self._vfio.clear()
             self._vfio_devices.clear()
 
@@ -821,9 +840,13 @@ class Relay:
     def reset(self) -> None:
         """Device reset: no endpoint stays attached (5.13.5, D-06).
 
-        ``bypass`` keeps its value (D-04); pending fault records are dropped.
+        ``bypass`` keeps its value (D-04); pending fault records are dropped,
+        and so are the queues: a driver sets them up again after a reset
+        (virtio 1.2 §3.1.1), and a stopped queue (:attr:`needs_reset`) ends here.
         """
         with self._lock:
+            self._queues.clear()
+            self._requestq = None
             for ep in self._endpoints.values():
                 if ep.domain is not None:
                     try:
@@ -832,7 +855,8 @@ class Relay:
                         # A backend that cannot unmap must not keep the
                         # endpoint attached across a reset.
                         log.exception("backend failed to detach endpoint %#x on reset", ep.id)
-                        self._unlink(ep)
+                        if ep.domain is not None:  # _detach may have finished the unlink itself
+                            self._unlink(ep)
                         if ep.backend is not None:
                             self._sync_identity(ep.backend)
             self._events.clear()
@@ -1062,30 +1086,55 @@ class Relay:
             self.dropped_events += 1  # 5.13.6.9: the device may drop events
 
     def _detach(self, ep: _Endpoint, *, sync: bool = True) -> None:
+        """Take ``ep`` out of its domain; all or nothing.
+
+        Every kernel step happens before the endpoint is unlinked, so a
+        refusal leaves it attached with its container as it was: the
+        domain's mappings out (D-22), then, with ``sync``, the identity map
+        the container needs once unattached (config ``bypass``, 5.13.6).  If
+        the identity step fails the mappings are put back.
+        """
         dom = ep.domain
         assert dom is not None
         b = ep.backend
-        if (
-            b is not None
-            and not dom.bypass
-            and len(dom.table)
-            and not any(o.backend is b for o in dom.endpoints.values() if o is not ep)
-        ):
-            # D-22: after DETACH the endpoint reaches none of the domain's
-            # mappings.  Done before unlinking so a failure changes nothing.
+        # The container leaves the domain only with the last endpoint of its group.
+        leaving = b is not None and not any(o.backend is b for o in dom.endpoints.values() if o is not ep)
+        unmapped = False
+        if leaving and b is not None and not dom.bypass and len(dom.table):
+            # D-22: after DETACH the endpoint reaches none of the domain's mappings.
             try:
                 b.unmap(list(dom.table))
             except UnmapMismatch as exc:
                 # The container holds none of them now: finish the detach.
                 self._backend_failed(b, exc, "DETACH", 0, write=True)
                 self._unlink(ep)
+                if sync:
+                    self._sync_identity(b)
                 raise
             except BaseException as exc:
                 self._backend_failed(b, exc, "DETACH", 0, write=True)
                 raise
+            unmapped = True
+        set_identity = getattr(b, "set_identity", None) if leaving else None
+        if sync and set_identity is not None and dom.bypass != self._bypass:
+            # Unattached, the container follows config bypass: the identity
+            # map comes (a normal domain, bypass 1) or goes (a bypass
+            # domain, bypass 0).  set_identity is all or nothing itself.
+            assert b is not None
+            try:
+                set_identity(self._bypass)
+            except BaseException as exc:
+                self._backend_failed(b, exc, "DETACH (bypass identity map)", 0, write=True)
+                if unmapped:
+                    try:
+                        self._replay(b, dom)
+                    except Exception:
+                        # Two failures in a row: the container holds none of
+                        # the domain's mappings, so the endpoint is detached.
+                        log.exception("DETACH: could not put the mappings of domain %d back", dom.id)
+                        self._unlink(ep)
+                raise
         self._unlink(ep)
-        if sync and b is not None:
-            self._sync_identity(b)
 
     def _unlink(self, ep: _Endpoint) -> None:
         dom = ep.domain
@@ -1268,7 +1317,8 @@ class Relay:
         forwarded to every container, recorded and completed without returning
         to Python; ATTACH, DETACH and PROBE come back here and go through the
         same code as :meth:`handle_request`.  A malformed chain is completed
-        with used length 0.  Fault records queued meanwhile are then delivered
+        with used length 0; an available entry that names no descriptor stops
+        the queue instead (:attr:`needs_reset`).  Fault records queued meanwhile are then delivered
         to the eventq if it is set up.  eventq: fills the driver's buffers with
         pending 24-byte fault records.
         """
@@ -1310,6 +1360,9 @@ class Relay:
             code = rc & _PROCESS_CODE
             if code == _PROCESS_IDLE:
                 break
+            if code == _PROCESS_BROKEN:
+                self._queue_broke(0)
+                break
             if code == _PROCESS_CALLER:
                 self._serve_pending(q)
                 done += 1
@@ -1321,16 +1374,37 @@ class Relay:
 
     def _serve_pending(self, q: _Queue) -> None:
         chain = q.chain
-        n = int(chain.read_len)
-        buf = q.buf if n <= len(q.buf) else ffi.new("uint8_t[]", n)
-        lib.hr_chain_read(chain, buf, n)
+        # At most MAX_READABLE + 1 bytes, whatever the chain claims: one byte
+        # more than any request tells "too long" as well as the whole would.
+        n = lib.hr_chain_read(chain, q.buf, len(q.buf))
         wlen = int(chain.write_len)
         try:
-            reply = self._handle(bytes(ffi.buffer(buf, n)), wlen)
+            reply = self._handle(bytes(ffi.buffer(q.buf, n)), wlen)
         except Exception:  # as in handle_request: a bug must not take the device down
             log.exception("internal error handling a request from the ring")
-            reply = bytes(wlen - TAIL_SIZE) + pack_tail(Status.DEVERR) if TAIL_SIZE <= wlen <= MAX_WRITABLE else b""
+            reply = self._internal_error(wlen)
         lib.hr_relay_complete(q.vq, chain, reply, len(reply))
+
+    @staticmethod
+    def _queue_broke(index: int) -> None:
+        log.error(
+            "queue %d: the driver made a descriptor index >= the queue size available; "
+            "the queue is stopped until the device is reset (set DEVICE_NEEDS_RESET)",
+            index,
+        )
+
+    @property
+    def needs_reset(self) -> bool:
+        """True once a queue has stopped on an error only a device reset clears.
+
+        The driver made an impossible head available (an avail ring entry >=
+        the queue size): no used element can name it, so the device stops
+        that queue (QEMU's ``virtio_error`` does the same).  The VMM should
+        then set DEVICE_NEEDS_RESET (0x40) in the device status and send a
+        configuration change notification (virtio 1.2 §2.1.2); the driver
+        resets the device, and :meth:`reset` drops the queues it sets up again.
+        """
+        return any(q.vq.broken for q in self._queues.values())
 
     def _fill_events(self, q: _Queue) -> int:
         # 5.13.6.9: each event buffer gets one 24-byte fault record; buffers
@@ -1338,6 +1412,9 @@ class Relay:
         done = 0
         while self._events and lib.hr_vq_pending(q.vq):
             if lib.hr_vq_pop(q.vq, q.chain, ffi.NULL) != 1:
+                if q.vq.broken:
+                    self._queue_broke(1)
+                    break
                 lib.hr_vq_push(q.vq, q.chain.head, 0)  # malformed: give it back empty
                 continue
             record = self._events.popleft()

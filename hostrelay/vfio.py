@@ -33,6 +33,16 @@ def _open(path: Path) -> int:
         raise vfio_error(exc.errno or 0, "open", path=str(path)) from exc
 
 
+def _close_quietly(fd: int, path: str | None) -> None:
+    """Close ``fd`` on an error path: the error being handled is the one to
+    report, and the fd is gone either way (Linux releases it before close
+    can fail)."""
+    try:
+        k.close(fd, path)
+    except OSError:
+        pass
+
+
 @dataclass(frozen=True)
 class IovaRange:
     """A usable IOVA window; ``end`` is inclusive, as the kernel reports it."""
@@ -121,7 +131,8 @@ class Container:
                 raise VfioError(95, "VFIO_CHECK_EXTENSION", path=self.path, fd=self.fd,
                                 hint="the kernel has no type1v2 IOMMU driver: load vfio_iommu_type1")  # fmt: skip
         except BaseException:
-            os.close(self.fd)
+            _close_quietly(self.fd, self.path)
+            self.fd = -1
             raise
 
     # -- lifetime -------------------------------------------------------
@@ -134,12 +145,23 @@ class Container:
 
         The last group leaving a container makes the kernel drop every mapping
         (type1 ``vfio_iommu_type1_detach_group``), so nothing stays pinned.
+        Every fd is closed even if closing one of them fails; the first such
+        error is raised afterwards (the fds are released all the same).
         """
+        first: OSError | None = None
         for group in list(self.groups):
-            group.close()
+            try:
+                group.close()
+            except OSError as exc:
+                first = first or exc
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            try:
+                k.close(fd, self.path)
+            except OSError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def __enter__(self) -> Container:
         return self
@@ -241,20 +263,36 @@ class Group:
     def device(self, bdf: str) -> Device:
         """Open the device fd of ``bdf`` (the group must be in a container with an IOMMU set)."""
         fd = k.group_get_device_fd(self.fd, bdf, self.path)
-        dev = Device(self, bdf, fd)
+        try:
+            dev = Device(self, bdf, fd)
+        except BaseException:
+            _close_quietly(fd, bdf)  # Device() asks the kernel first: do not leak the fd
+            raise
         self.devices.append(dev)
         return dev
 
     def close(self) -> None:
-        """Close the group's devices, then the group (which leaves its container)."""
+        """Close the group's devices, then the group (which leaves its container).
+
+        Closes everything even if one close fails, then raises the first error.
+        """
+        first: OSError | None = None
         for dev in list(self.devices):
-            dev.close()
+            try:
+                dev.close()
+            except OSError as exc:
+                first = first or exc
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            try:
+                k.close(fd, self.path)
+            except OSError as exc:
+                first = first or exc
         if self.container is not None:
             self.container.groups.remove(self)
             self.container = None
+        if first is not None:
+            raise first
 
     def __enter__(self) -> Group:
         return self
@@ -318,8 +356,9 @@ class Device:
         k.device_reset(self.fd, self.name)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the device fd (released even if this raises)."""
+        fd, self.fd = self.fd, -1
         if self in self.group.devices:
             self.group.devices.remove(self)
+        if fd >= 0:
+            k.close(fd, self.name)

@@ -218,16 +218,26 @@ class VfioBackend:
         self.group_id = group_id
         self.budget = budget
         self.container = Container(dev_root)
+        group: Group | None = None
         try:
-            self.group = Group(group_id, dev_root)
-            if not self.group.viable:
-                raise VfioError(errno.EBUSY, "VFIO_GROUP_GET_STATUS", path=self.group.path,
+            group = Group(group_id, dev_root)
+            if not group.viable:
+                raise VfioError(errno.EBUSY, "VFIO_GROUP_GET_STATUS", path=group.path,
                                 hint="group is not viable: bind every device of the group to vfio-pci")  # fmt: skip
-            self.container.attach(self.group)
+            self.container.attach(group)
+            self.group = group
             # Read after SET_IOMMU: the ranges and page sizes are the group's.
             self.info: IommuInfo = self.container.iommu_info()
         except BaseException:
-            self.container.close()
+            # The group is closed here, not by the container: it is not in
+            # the container unless SET_CONTAINER succeeded, and a group
+            # left open cannot be opened again (one open per group node).
+            try:
+                if group is not None:
+                    group.close()
+                self.container.close()
+            except OSError:
+                pass  # fds are released anyway; the error to report is the first one
             raise
         # The container is new, so DMA_AVAIL is the whole per-container budget
         # (copied from dma_entry_limit at VFIO_SET_IOMMU).
@@ -261,7 +271,11 @@ class VfioBackend:
         return int(self.c.charged)
 
     def close(self) -> None:
-        """Close devices, group and container (type1 then unpins everything)."""
+        """Close devices, group and container (type1 then unpins everything).
+
+        Every fd is closed even if closing one fails; the first error is
+        raised afterwards, with the backend closed all the same.
+        """
         self.devices.clear()
         if not self.container.closed:
             self._account(-self.entries, -self.charged)
@@ -435,17 +449,6 @@ class VfioBackend:
             if got != p.size:
                 log.error("group %d: identity UNMAP of %#x+%#x removed %#x bytes", self.group_id, p.iova, p.size, got)
         self._identity = None
-
-    # -- testing -------------------------------------------------------------------
-    def inject_failure(self, *, map_errno: int = 0, map_after: int = 0, unmap_errno: int = 0) -> None:
-        """Make the C data plane's next MAP ioctl (after ``map_after`` good ones)
-        or next guest-UNMAP ioctl on this container fail with that errno, once.
-
-        For tests of rollback across containers; the kernel is not involved.
-        """
-        self.c.fail_errno = map_errno
-        self.c.fail_after = map_after
-        self.c.fail_unmap_errno = unmap_errno
 
     # -- inspection ----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+from collections.abc import Iterator
 
 import pytest
 
@@ -155,3 +156,121 @@ def test_buffer_address_is_the_buffer() -> None:
     buf = bytearray(b"hostrelay")
     addr = k.buffer_address(buf)
     assert ctypes.string_at(addr, len(buf)) == b"hostrelay"
+
+
+# --- the test hook at the kernel seam (hr_vfio_fail_next, hr_vfio_count_calls) ---
+
+
+@pytest.fixture
+def devnull() -> Iterator[int]:
+    fd = os.open("/dev/null", os.O_RDWR)
+    yield fd
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # a test closed it through the seam
+
+
+def test_injected_failure_replaces_one_call_and_skips_its_ioctl(devnull: int) -> None:
+    # /dev/null answers every VFIO ioctl with ENOTTY: any other errno was made up.
+    with k.inject_failure(k.Op.GET_API_VERSION, nth=1, err=errno.ENOSPC) as inj:
+        with pytest.raises(VfioNotVfio):
+            k.get_api_version(devnull)  # call 0: the real ioctl
+        assert not inj.fired
+        with pytest.raises(VfioResourceLimit) as exc:
+            k.get_api_version(devnull)  # call 1: failed without the ioctl
+        assert exc.value.errno == errno.ENOSPC and exc.value.operation == "VFIO_GET_API_VERSION"
+        assert inj.fired
+        with pytest.raises(VfioNotVfio):
+            k.get_api_version(devnull)  # once only
+    assert inj.fired and inj.fd == devnull
+
+
+def test_injection_counts_only_the_operations_in_its_mask(devnull: int) -> None:
+    with k.inject_failure(k.Op.MAP_DMA | k.Op.UNMAP_DMA, nth=0, err=errno.EBUSY) as inj:
+        for _ in range(3):
+            with pytest.raises(VfioNotVfio):
+                k.check_extension(devnull, 3)
+        assert not inj.fired
+        with pytest.raises(VfioError) as exc:
+            k.unmap_dma(devnull, 0, 0x1000)
+        assert exc.value.errno == errno.EBUSY
+    assert inj.fired
+
+
+def test_an_injection_that_never_fired_is_disarmed(devnull: int) -> None:
+    with k.inject_failure(k.Op.ALL, nth=5) as inj:
+        pass
+    assert not inj.fired and inj.fd == -1
+    for _ in range(8):
+        with pytest.raises(VfioNotVfio):
+            k.get_api_version(devnull)
+
+
+def test_injection_arguments_are_checked() -> None:
+    with pytest.raises(ValueError):
+        with k.inject_failure(k.Op(0)):
+            pass
+    with pytest.raises(ValueError):
+        with k.inject_failure(k.Op.MAP_DMA, nth=-1):
+            pass
+    with pytest.raises(ValueError):
+        with k.inject_failure(k.Op.MAP_DMA, err=0):
+            pass
+    with k.inject_failure(k.Op.MAP_DMA):
+        with pytest.raises(RuntimeError):
+            with k.inject_failure(k.Op.UNMAP_DMA):
+                pass
+
+
+def test_call_counts_per_operation_only_while_counting(devnull: int) -> None:
+    with k.counting():
+        for _ in range(2):
+            with pytest.raises(VfioNotVfio):
+                k.get_api_version(devnull)
+        with pytest.raises(VfioNotVfio):
+            k.map_dma(devnull, 0x1000, 0x1000, 0x7F0000000000, 3)
+        with k.inject_failure(k.Op.UNMAP_DMA, err=errno.EIO):
+            with pytest.raises(VfioError):
+                k.unmap_dma(devnull, 0, 0x1000)  # an injected call is a call
+    counts = k.call_counts()
+    assert {op: n for op, n in counts.items() if n} == {k.Op.GET_API_VERSION: 2, k.Op.MAP_DMA: 1, k.Op.UNMAP_DMA: 1}
+    assert k.Op.ALL not in counts and len(counts) == 14
+    with pytest.raises(VfioNotVfio):
+        k.get_api_version(devnull)
+    assert k.call_counts() == counts, "nothing is counted outside counting()"
+
+
+def test_an_injected_close_failure_still_closes_the_fd(devnull: int) -> None:
+    with k.inject_failure(k.Op.CLOSE, err=errno.EIO) as inj:
+        with pytest.raises(VfioError) as exc:
+            k.close(devnull, "/dev/null")
+    assert exc.value.errno == errno.EIO and inj.fired
+    with pytest.raises(OSError) as gone:
+        os.fstat(devnull)
+    assert gone.value.errno == errno.EBADF, "the fd was released, as Linux does on a failing close"
+
+
+def test_the_c_data_plane_ioctls_go_through_the_hook(devnull: int) -> None:
+    # A container whose fd is /dev/null: the MAP ioctl itself fails with
+    # ENOTTY (DEVERR); an injected ENOSPC is answered NOMEM instead, and
+    # neither leaves a mapping or a counter behind.
+    from hostrelay import GuestMemory, Relay
+    from hostrelay._native import ffi, lib
+    from hostrelay.protocol import AttachRequest, MapRequest, Status
+
+    with GuestMemory() as mem:
+        mem.add_region(0, 1 << 20)
+        r = Relay(mem)
+        r.add_endpoint(1)
+        assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+        cont = ffi.new("struct hr_container *", {"fd": devnull, "avail": 1000})
+        conts = ffi.new("struct hr_container *[]", [cont])
+        assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 1) == 0
+        req = MapRequest(3, 0x1000, 0x1FFF, 0, 3).pack()
+        assert Status(r.handle_request(req, 4)[0]) == Status.DEVERR
+        with k.counting(), k.inject_failure(k.Op.MAP_DMA, err=errno.ENOSPC) as inj:
+            assert Status(r.handle_request(req, 4)[0]) == Status.NOMEM
+        assert inj.fired and inj.fd == devnull and k.call_counts()[k.Op.MAP_DMA] == 1
+        assert r.mapping_count(3) == 0 and cont.entries == 0 and cont.avail == 1000
+        assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 0) == 0

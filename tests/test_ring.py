@@ -74,7 +74,7 @@ def test_chained_and_indirect_requests(setup: tuple[Relay, DriverQueue], memory:
     assert r.mapping_count(3) == 1
 
 
-@pytest.mark.parametrize("kind", ["bad_head", "loop", "outside", "writable_first"])
+@pytest.mark.parametrize("kind", ["loop", "outside", "writable_first", "zero_length_outside"])
 def test_malformed_chains_get_used_length_zero_and_change_nothing(
     setup: tuple[Relay, DriverQueue], memory: GuestMemory, kind: str
 ) -> None:
@@ -82,19 +82,19 @@ def test_malformed_chains_get_used_length_zero_and_change_nothing(
     assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
     buf = q.alloc(64)
     memory.write(buf, MapRequest(3, 0, 0xFFF, 0, R).pack())
-    if kind == "bad_head":
-        head = q.size + 5
-    else:
-        head, nxt = q.reserve(2)
-        if kind == "loop":
-            q.write_desc(head, buf, 36, DESC_F_NEXT, nxt)
-            q.write_desc(nxt, buf, 4, DESC_F_NEXT | DESC_F_WRITE, head)
-        elif kind == "outside":
-            q.write_desc(head, RAM - 8, 36, DESC_F_NEXT, nxt)
-            q.write_desc(nxt, buf + 40, 4, DESC_F_WRITE)
-        else:
-            q.write_desc(head, buf + 40, 4, DESC_F_WRITE | DESC_F_NEXT, nxt)
-            q.write_desc(nxt, buf, 36, 0)
+    head, nxt = q.reserve(2)
+    if kind == "loop":
+        q.write_desc(head, buf, 36, DESC_F_NEXT, nxt)
+        q.write_desc(nxt, buf, 4, DESC_F_NEXT | DESC_F_WRITE, head)
+    elif kind == "outside":
+        q.write_desc(head, RAM - 8, 36, DESC_F_NEXT, nxt)
+        q.write_desc(nxt, buf + 40, 4, DESC_F_WRITE)
+    elif kind == "writable_first":
+        q.write_desc(head, buf + 40, 4, DESC_F_WRITE | DESC_F_NEXT, nxt)
+        q.write_desc(nxt, buf, 36, 0)
+    else:  # an empty writable descriptor outside RAM (not kept), then a readable one: still out of order
+        q.write_desc(head, RAM + (1 << 30), 0, DESC_F_WRITE | DESC_F_NEXT, nxt)
+        q.write_desc(nxt, buf, 36, 0)
     q.publish(head)
     _, (ok,) = q.add([MapRequest(3, 0x1000, 0x1FFF, 0x1000, R).pack()], [4])  # the ring keeps working
     assert r.process_queue() == 2
@@ -102,6 +102,27 @@ def test_malformed_chains_get_used_length_zero_and_change_nothing(
     assert (used[0].id, used[0].len) == (head, 0)
     assert used[1].len == 4 and tail_of(memory, ok) == Status.OK
     assert [m.start for m in r.mappings(3)] == [0x1000], "the malformed MAP changed nothing"
+
+
+def test_impossible_head_stops_the_queue_until_reset(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
+    """An avail entry >= the queue size names no descriptor: no used element
+    can be written for it, so the queue stops and the device needs a reset
+    (virtio 1.2 §2.1.2), rather than tell the driver about a descriptor that
+    cannot exist."""
+    r, q = setup
+    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+    q.publish(q.size + 5)
+    q.add([MapRequest(3, 0x1000, 0x1FFF, 0x1000, R).pack()], [4])  # behind it: not served
+    assert not r.needs_reset
+    assert r.process_queue() == 0
+    assert r.needs_reset
+    assert q.used() == [], "no used element names the impossible head"
+    assert r.mapping_count(3) == 0
+    assert r.process_queue() == 0, "the queue stays stopped"
+    r.reset()  # the driver's answer to DEVICE_NEEDS_RESET
+    assert not r.needs_reset
+    with pytest.raises(ValueError):
+        r.process_queue(0)  # a reset device has no queues until the driver sets them up again
 
 
 def test_malformed_chain_inside_a_burst_keeps_the_order(setup: tuple[Relay, DriverQueue], memory: GuestMemory) -> None:
@@ -112,7 +133,9 @@ def test_malformed_chain_inside_a_burst_keeps_the_order(setup: tuple[Relay, Driv
     heads, tails = [], []
     for i in range(5):
         if i == 2:
-            heads.append(q.size + 7)  # bad head
+            (bad,) = q.reserve(1)
+            q.write_desc(bad, RAM - 8, 36, 0)  # runs off the end of guest RAM
+            heads.append(bad)
             tails.append(None)
             continue
         h, (t,) = q.add([MapRequest(3, i << 12, (i << 12) + 0xFFF, 0, R).pack()], [4], publish=False)

@@ -171,3 +171,41 @@ def test_bypass_identity(fake: tuple[FakeKernel, Path, Path], mem: GuestMemory) 
     r.reset()
     assert kern.dmas[fd] == {0: 4 * MIB, 4 * MIB: 4 * MIB}
     r.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_failing_close_still_closes_every_fd(fake: tuple[FakeKernel, Path, Path], mem: GuestMemory) -> None:
+    # Two containers, two groups (5 and 6), three devices: seven fds.  Whichever
+    # close(2) fails, close() carries on and releases every one of them.
+    base = _fds()
+    r = relay(fake, mem, ["0000:00:03.0", "0000:00:04.0", "0000:00:04.1"])
+    with k.counting():
+        r.close()
+    n = k.call_counts()[k.Op.CLOSE]
+    assert n == 7 and _fds() == base
+    for i in range(n):
+        r = relay(fake, mem, ["0000:00:03.0", "0000:00:04.0", "0000:00:04.1"])
+        with k.inject_failure(k.Op.CLOSE, nth=i, err=errno.EIO) as inj:
+            r.close()  # logged, not raised: the fd is gone either way
+        assert inj.fired and _fds() == base, f"close {i} failing leaked fds"
+
+
+def test_a_failed_open_of_an_endpoint_leaks_no_fd(
+    fake: tuple[FakeKernel, Path, Path], mem: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _fds()
+
+    def no_info(fd: int, path: str | None = None) -> Any:
+        raise vfio_error(errno.EIO, "VFIO_DEVICE_GET_INFO", fd=fd)
+
+    monkeypatch.setattr(k, "device_get_info", no_info)
+    with pytest.raises(OSError):
+        relay(fake, mem, ["0000:00:03.0"])
+    assert _fds() == base, "the device fd (and the group) were closed"
+    monkeypatch.setattr(k, "group_get_status", lambda fd, path=None: 0)  # not viable
+    with pytest.raises(OSError):
+        relay(fake, mem, ["0000:00:03.0"])
+    assert _fds() == base, "the group fd was closed"

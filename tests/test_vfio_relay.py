@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from hostrelay import GuestMemory, Relay
+from hostrelay._kernel import Op, inject_failure
 from hostrelay.protocol import (
     TAIL_SIZE,
     AttachFlag,
@@ -257,9 +258,11 @@ def test_failure_mid_fanout_rolls_back_every_container(make_relay: Callable[...,
     assert send(r, AttachRequest(1, EP_B)) == Status.OK
     assert send(r, MapRequest(1, 0x100000, 0x100FFF, 0x10000, RW)) == Status.OK
     r.pop_events()
-    # The second container of the fan-out fails (EIO), injected in the C data plane.
-    cb.inject_failure(map_errno=errno.EIO)
-    assert send(r, MapRequest(1, 0x200000, 0x203FFF, 0x20000, RW)) == Status.DEVERR
+    # The second container of the fan-out fails (EIO): the second MAP ioctl
+    # (A's is the first, in attach order) is failed at the kernel seam.
+    with inject_failure(Op.MAP_DMA, nth=1, err=errno.EIO) as inj:
+        assert send(r, MapRequest(1, 0x200000, 0x203FFF, 0x20000, RW)) == Status.DEVERR
+    assert inj.fired and inj.fd == cb.container.fd
     events = r.pop_events()
     assert len(events) == 1 and int.from_bytes(events[0][8:12], "little") == EP_B, "fault event for B"
     assert [m.start for m in r.mappings(1)] == [0x100000]
@@ -267,8 +270,9 @@ def test_failure_mid_fanout_rolls_back_every_container(make_relay: Callable[...,
     a.load(0x100000, 0x10000)
     assert a.faults(0x200000, 0x20000), "A's successful MAP was rolled back"
 
-    cb.inject_failure(unmap_errno=errno.EIO)
-    assert send(r, UnmapRequest(1, 0x100000, 0x100FFF)) == Status.DEVERR
+    with inject_failure(Op.UNMAP_DMA, nth=1, err=errno.EIO) as inj:
+        assert send(r, UnmapRequest(1, 0x100000, 0x100FFF)) == Status.DEVERR
+    assert inj.fired and inj.fd == cb.container.fd
     assert len(r.mappings(1)) == 1
     assert a.lands(0x100000, 0x10000), "A's unmapped run was re-mapped on rollback"
     # Table and both containers agree: one page each.

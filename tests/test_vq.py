@@ -109,8 +109,20 @@ def _malformed(memory: GuestMemory, build: Any) -> int:
     return int(why)
 
 
-def test_bad_head_index(memory: GuestMemory) -> None:
-    assert _malformed(memory, lambda q: QSIZE + 3) == lib.HR_VQ_BAD_HEAD
+def test_bad_head_index_breaks_the_queue(memory: GuestMemory) -> None:
+    # No used element may name a descriptor that does not exist: the queue
+    # stops (the device needs a reset) instead of completing it.
+    q = DriverQueue(memory, 0x1000, QSIZE)
+    dev = Device(memory, q)
+    q.publish(QSIZE + 3)
+    q.add([b"x"], [1])
+    rc, _, _, why = dev.pop()
+    assert (rc, why) == (-1, lib.HR_VQ_BAD_HEAD)
+    assert dev.vq.broken == 1
+    assert dev.chain.head >= QSIZE, "the head handed back names no descriptor"
+    assert lib.hr_vq_pending(dev.vq) == 0, "nothing more is served from a broken queue"
+    assert dev.pop()[0] == 0
+    assert q.used() == []
 
 
 def test_bad_next_index(memory: GuestMemory) -> None:
@@ -218,3 +230,17 @@ def test_random_descriptor_tables_never_crash_or_hang(descs: list[tuple[int, int
         assert rc in (1, -1)
         if rc == 1:
             assert dev.chain.nread + dev.chain.nwrite <= lib.HR_CHAIN_MAX_SEGS
+
+
+def test_avail_index_moved_past_the_ring_breaks_the_queue(memory: GuestMemory) -> None:
+    # A driver cannot have more than `size` chains outstanding (§2.7.6); an
+    # index that says so is impossible, and would let a guest keep the walker
+    # busy forever by rewriting it.
+    q = DriverQueue(memory, 0x1000, QSIZE)
+    dev = Device(memory, q)
+    q.add([b"x"], [1])
+    assert lib.hr_vq_pending(dev.vq) == 1
+    memory.write(q.avail + 2, (QSIZE + 1).to_bytes(2, "little"))
+    assert lib.hr_vq_pending(dev.vq) == 0
+    assert dev.vq.broken == 1
+    assert dev.pop()[0] == 0
