@@ -143,6 +143,10 @@ MAX_READABLE = max(cls.readable_size() for cls in REQUEST_CLASSES.values())
 # QEMU's probe_size; a longer writable part cannot be a virtio-iommu reply
 # and the chain is unparseable (used length 0, nothing written).
 MAX_WRITABLE = 64 << 10
+# Mappings one domain may hold by default: 2^20 one-page mappings are a
+# B+ tree of at most about 64 MiB, more than any guest's DMA API keeps live
+# (VFIO domains stop far earlier: type1's dma_entry_limit is 65535).
+DEFAULT_MAX_MAPPINGS = 1 << 20
 # Fault records kept until pop_events(); 5.13.6.9 lets the device drop events
 # when no buffer is available, and the eventq has 256 entries in practice.
 DEFAULT_EVENT_LIMIT = 256
@@ -334,7 +338,11 @@ class Relay:
     ``mmio``
         offer ``VIRTIO_IOMMU_F_MMIO`` (otherwise MAP_F_MMIO is an unknown flag).
     ``max_domains``, ``max_mappings``
-        resource limits (per device, per domain) answered with NOMEM.
+        resource limits (per device, per domain) answered with NOMEM; ``None``
+        is no limit.  ``max_mappings`` defaults to :data:`DEFAULT_MAX_MAPPINGS`
+        so that a guest cannot grow an emulated domain's table until the
+        host runs out of memory (a domain lives only while an endpoint is
+        attached to it, so endpoints × this bounds the tables).
     ``event_limit``
         how many fault records wait for :meth:`pop_events` before new ones
         are dropped.
@@ -354,7 +362,7 @@ class Relay:
         reserved_regions: Iterable[tuple[int, int]] = (),
         mmio: bool = True,
         max_domains: int | None = None,
-        max_mappings: int | None = None,
+        max_mappings: int | None = DEFAULT_MAX_MAPPINGS,
         event_limit: int = DEFAULT_EVENT_LIMIT,
     ) -> None:
         if not 0 < page_size_mask <= U64_MAX:

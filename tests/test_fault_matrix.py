@@ -58,6 +58,8 @@ from hostrelay.status import status_for
 from hostrelay.virtqueue import DriverQueue
 from hostrelay.vfio_backend import VfioBackend
 
+from exhaustion_child import status_kib
+
 pytestmark = pytest.mark.vfio(edu=4, kernel_args=("vfio_iommu_type1.dma_entry_limit=64",))
 
 ERRNOS = (errno.ENOMEM, errno.ENOSPC, errno.EINVAL, errno.EFAULT, errno.EBUSY, errno.EIO, errno.ENODEV)
@@ -80,19 +82,11 @@ RING_GPA = 0x1C0000  # the request queue, in guest RAM (region 2)
 # --- process-wide facts the relay must restore --------------------------------
 
 
-def _status_kib(name: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def process_footprint() -> tuple[int, int, int]:
     """(open fds, VmLck KiB, VmPin KiB): type1 charges pins to VmLck (locked_vm,
     Linux 6.12 vfio_lock_acct); VmPin (pinned_vm) is what FOLL_LONGTERM users
     such as io_uring and RDMA charge, and must not move either."""
-    return len(os.listdir("/proc/self/fd")), _status_kib("VmLck"), _status_kib("VmPin")
+    return len(os.listdir("/proc/self/fd")), status_kib("VmLck"), status_kib("VmPin")
 
 
 # --- one fresh relay -------------------------------------------------------------
@@ -307,7 +301,7 @@ def kernel_mismatches(w: World, base_lck_kib: int) -> list[str]:
             out.append(f"ep {ep:#x}: kernel has {b.entry_limit - avail} vfio_dma, the relay's tables say {entries}")
         if (b.entries, b.charged) != (entries, size):
             out.append(f"ep {ep:#x}: C counters ({b.entries}, {b.charged:#x}) != tables ({entries}, {size:#x})")
-    vmlck = (_status_kib("VmLck") - base_lck_kib) * 1024
+    vmlck = (status_kib("VmLck") - base_lck_kib) * 1024
     if vmlck != total:
         out.append(f"VmLck grew by {vmlck:#x}, the relay's containers should hold {total:#x}")
     for ep, b in w.backends().items():

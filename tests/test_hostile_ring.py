@@ -98,3 +98,28 @@ def test_bounds_are_those_of_the_protocol() -> None:
     assert MAX_READABLE == ProbeRequest.readable_size() == 72
     assert all(cls.readable_size() <= MAX_READABLE for cls in REQUEST_CLASSES.values())
     assert MAX_WRITABLE == 64 << 10
+
+
+def test_a_domain_holds_at_most_default_max_mappings() -> None:
+    """Without a limit a guest could grow an emulated domain's table until
+    the host runs out of memory; by default it gets NOMEM at 2^20."""
+    import struct
+
+    from hostrelay import GuestMemory, Relay
+    from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, Status
+    from hostrelay.relay import DEFAULT_MAX_MAPPINGS
+
+    with GuestMemory() as memory:
+        memory.add_region(0, 1 << 20)
+        relay = Relay(memory)
+        relay.add_endpoint(1)
+        assert relay.handle_request(AttachRequest(1, 1).pack(), 4) == bytes(4)
+        req = bytearray(MapRequest(1, 0, 0xFFF, 0, int(MapFlag.READ)).pack())
+        first = 1 << 20  # pages above 4 GiB: clear of the MSI window
+        statuses = []
+        for i in range(first, first + DEFAULT_MAX_MAPPINGS + 2):
+            struct.pack_into("<QQ", req, 8, i << 12, (i << 12) + 0xFFF)
+            statuses.append(relay.handle_request(bytes(req), 4)[0])
+        assert statuses[:DEFAULT_MAX_MAPPINGS] == [Status.OK] * DEFAULT_MAX_MAPPINGS
+        assert statuses[DEFAULT_MAX_MAPPINGS:] == [Status.NOMEM, Status.NOMEM]
+        assert relay.mapping_count(1) == DEFAULT_MAX_MAPPINGS

@@ -304,17 +304,9 @@ from hostrelay import GuestMemory, Relay
 from hostrelay.protocol import AttachRequest, MapRequest, Status, TAIL_SIZE
 from hostrelay.errors import VfioResourceLimit
 from hostrelay.vfio_backend import has_cap_ipc_lock, locked_bytes
+from exhaustion_child import drop_cap_ipc_lock  # tests/ is on PYTHONPATH
 
-# Drop CAP_IPC_LOCK (root keeps everything else, so /dev/vfio stays usable).
-class Hdr(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-class Data(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-libc = ctypes.CDLL(None, use_errno=True)
-hdr, data = Hdr(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
-assert libc.capget(ctypes.byref(hdr), data) == 0
-data[0].effective &= ~(1 << 14); data[0].permitted &= ~(1 << 14)
-assert libc.capset(ctypes.byref(hdr), data) == 0, ctypes.get_errno()
+drop_cap_ipc_lock()
 assert not has_cap_ipc_lock()
 base = locked_bytes()
 limit = base + 64 * 1024
@@ -370,7 +362,7 @@ def test_memlock_nomem_before_the_kernel_and_vmlck_moves_as_predicted(edu_bdfs: 
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_MEMLOCK_CHILD))
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=f"{root}:{root / 'tests'}")
     proc = subprocess.run([sys.executable, str(script), *edu_bdfs[:2]], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
