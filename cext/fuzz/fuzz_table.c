@@ -198,8 +198,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		default:
 			if (data[12] & 0x80) {
 				/* At scale: a run of up to 4096 one-page mappings
-				 * (deep trees: inner nodes split)... */
+				 * (deep trees: inner nodes split), after the last
+				 * one so the model appends (a fuzzer's exec stays
+				 * in milliseconds)... */
 				uint32_t count = (len & 0xFFF) + 1, stride = 1 + (data[11] & 3);
+				if (nmodel && model[nmodel - 1].end >= s)
+					s = model[nmodel - 1].end + 1 + ((uint64_t)(len >> 16) << 12);
 				for (uint32_t k = 0; k < count && nmodel < MAX; k++) {
 					uint64_t at = s + ((uint64_t)k * stride << 12);
 					if (at < s || at + 0xFFF < at)
@@ -209,13 +213,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			} else if (data[12] & 0x40) {
 				/* ...and every n-th one removed (inner nodes merge
 				 * and borrow). */
-				uint32_t every = 2 + (data[11] & 7), from = (uint32_t)(len % every);
-				for (uint32_t i = nmodel; i-- > 0;) {
+				uint32_t every = 2 + (data[11] & 7), from = (uint32_t)(len % every), k = 0;
+				for (uint32_t i = 0; i < nmodel; i++) {
 					if (i % every != from)
-						continue;
-					FZ_ASSERT(hr_table_remove_exact(t, model[i].start, model[i].end) == 1);
-					m_remove(i, 1);
+						model[k++] = model[i];
+					else
+						FZ_ASSERT(hr_table_remove_exact(t, model[i].start, model[i].end) == 1);
 				}
+				nmodel = k;
 			} else if ((data[12] & 0x3F) == 0) { /* clear, rarely */
 				hr_table_clear(t);
 				nmodel = 0;
