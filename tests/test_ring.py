@@ -332,3 +332,26 @@ def test_setting_up_a_queue_freezes_the_config(memory: GuestMemory) -> None:
     r.set_queue(0, size=q.size, desc=q.desc, avail=q.avail, used=q.used_ring)
     with pytest.raises(RuntimeError, match="read the config"):
         r.add_vfio_endpoint(0x99, "0000:00:00.0", sysfs_root=Path("/nonexistent"))
+
+
+def test_a_reply_over_the_avail_index_cannot_keep_the_walker_going(memory: GuestMemory) -> None:
+    """The guest may point a writable buffer at its own avail index: the
+    device's reply then rewrites the index while the walker runs.  Here it
+    jumps past the ring (INVAL = 4, in a 2-entry queue), which breaks the
+    queue; the walker must notice and return, not walk a stale chain forever
+    (found by fuzzing: the walker took a chain pop() no longer gave)."""
+    r = Relay(memory)
+    r.add_endpoint(1)
+    q = DriverQueue(memory, RING, 2, data_size=1 << 16)
+    r.set_queue(0, size=q.size, desc=q.desc, avail=q.avail, used=q.used_ring)
+    assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
+    buf = q.alloc(64)
+    memory.write(buf, MapRequest(3, 0, 0xFFF, 0, R).pack()[:30])  # too short: INVAL, written in C
+    a, b = q.reserve(2)
+    q.write_desc(a, buf, 30, DESC_F_NEXT, b)
+    q.write_desc(b, q.avail + 2, 4, DESC_F_WRITE)  # the reply lands on avail->idx
+    # A second chain of the same kind is available when the index moves.
+    q.publish(a, a)
+    assert r.process_queue() == 1
+    assert r.needs_reset
+    assert r.process_queue() == 0
