@@ -44,6 +44,13 @@ static __attribute__((noinline, cold)) int hook_call(uint32_t op, int fd)
 
 /* 0, or the made-up -errno the wrapper must return instead of its ioctl. */
 #define HOOK(op, fd) (__builtin_expect(hook.on != 0, 0) ? hook_call((op), (fd)) : 0)
+/* A wrapper's first line: return the made-up -errno, if any, without the ioctl. */
+#define INJECT(op, fd)                          \
+	do {                                    \
+		int inj_ = HOOK((op), (fd));    \
+		if (inj_)                       \
+			return inj_;            \
+	} while (0)
 
 void hr_vfio_fail_next(uint32_t op_mask, uint32_t nth, int err)
 {
@@ -87,38 +94,26 @@ uint64_t hr_vfio_call_count(uint32_t op_mask)
 
 int hr_vfio_get_api_version(int container_fd)
 {
-	int inj = HOOK(HR_VFIO_OP_GET_API_VERSION, container_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_GET_API_VERSION, container_fd);
 	return hr_ret(ioctl(container_fd, VFIO_GET_API_VERSION));
 }
 
 int hr_vfio_check_extension(int container_fd, int extension)
 {
-	int inj = HOOK(HR_VFIO_OP_CHECK_EXTENSION, container_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_CHECK_EXTENSION, container_fd);
 	/* The extension id is passed by value, not by pointer. */
 	return hr_ret(ioctl(container_fd, VFIO_CHECK_EXTENSION, (unsigned long)extension));
 }
 
 int hr_vfio_set_iommu(int container_fd, int iommu_type)
 {
-	int inj = HOOK(HR_VFIO_OP_SET_IOMMU, container_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_SET_IOMMU, container_fd);
 	return hr_ret(ioctl(container_fd, VFIO_SET_IOMMU, (unsigned long)iommu_type));
 }
 
 int hr_vfio_group_get_status(int group_fd, uint32_t *flags)
 {
-	int inj = HOOK(HR_VFIO_OP_GROUP_GET_STATUS, group_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_GROUP_GET_STATUS, group_fd);
 	struct vfio_group_status st = { .argsz = sizeof(st) };
 	int rc = ioctl(group_fd, VFIO_GROUP_GET_STATUS, &st);
 
@@ -130,29 +125,20 @@ int hr_vfio_group_get_status(int group_fd, uint32_t *flags)
 
 int hr_vfio_group_set_container(int group_fd, int container_fd)
 {
-	int inj = HOOK(HR_VFIO_OP_GROUP_SET_CONTAINER, group_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_GROUP_SET_CONTAINER, group_fd);
 	/* The kernel does get_user(fd, (int __user *)arg): a pointer to the fd. */
 	return hr_ret(ioctl(group_fd, VFIO_GROUP_SET_CONTAINER, &container_fd));
 }
 
 int hr_vfio_group_unset_container(int group_fd)
 {
-	int inj = HOOK(HR_VFIO_OP_GROUP_UNSET_CONTAINER, group_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_GROUP_UNSET_CONTAINER, group_fd);
 	return hr_ret(ioctl(group_fd, VFIO_GROUP_UNSET_CONTAINER));
 }
 
 int hr_vfio_group_get_device_fd(int group_fd, const char *name)
 {
-	int inj = HOOK(HR_VFIO_OP_GROUP_GET_DEVICE_FD, group_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_GROUP_GET_DEVICE_FD, group_fd);
 	/* Returns the new device fd (already O_CLOEXEC) as the ioctl's value,
 	 * which is why this cannot be done with Python's fcntl.ioctl. */
 	return hr_ret(ioctl(group_fd, VFIO_GROUP_GET_DEVICE_FD, name));
@@ -160,39 +146,27 @@ int hr_vfio_group_get_device_fd(int group_fd, const char *name)
 
 int hr_vfio_device_get_info(int device_fd, struct vfio_device_info *info)
 {
-	int inj = HOOK(HR_VFIO_OP_DEVICE_GET_INFO, device_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_DEVICE_GET_INFO, device_fd);
 	info->argsz = sizeof(*info);
 	return hr_ret(ioctl(device_fd, VFIO_DEVICE_GET_INFO, info));
 }
 
 int hr_vfio_device_get_region_info(int device_fd, struct vfio_region_info *info)
 {
-	int inj = HOOK(HR_VFIO_OP_DEVICE_GET_REGION_INFO, device_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_DEVICE_GET_REGION_INFO, device_fd);
 	info->argsz = sizeof(*info);
 	return hr_ret(ioctl(device_fd, VFIO_DEVICE_GET_REGION_INFO, info));
 }
 
 int hr_vfio_device_reset(int device_fd)
 {
-	int inj = HOOK(HR_VFIO_OP_DEVICE_RESET, device_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_DEVICE_RESET, device_fd);
 	return hr_ret(ioctl(device_fd, VFIO_DEVICE_RESET));
 }
 
 int hr_vfio_iommu_get_info(int container_fd, void *buf, uint32_t bufsz)
 {
-	int inj = HOOK(HR_VFIO_OP_IOMMU_GET_INFO, container_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_IOMMU_GET_INFO, container_fd);
 	struct vfio_iommu_type1_info *info = buf;
 
 	if (bufsz < sizeof(*info))
@@ -241,20 +215,14 @@ static inline int raw_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
 int hr_vfio_map_dma(int container_fd, uint32_t flags, uint64_t vaddr,
 		    uint64_t iova, uint64_t size)
 {
-	int inj = HOOK(HR_VFIO_OP_MAP_DMA, container_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_MAP_DMA, container_fd);
 	return raw_map_dma(container_fd, flags, vaddr, iova, size);
 }
 
 int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
 		      uint64_t size, uint64_t *unmapped)
 {
-	int inj = HOOK(HR_VFIO_OP_UNMAP_DMA, container_fd);
-
-	if (inj)
-		return inj;
+	INJECT(HR_VFIO_OP_UNMAP_DMA, container_fd);
 	return raw_unmap_dma(container_fd, flags, iova, size, unmapped);
 }
 

@@ -13,6 +13,7 @@ All kernel calls go through :mod:`hostrelay._kernel`; errors are the typed
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +42,22 @@ def _close_quietly(fd: int, path: str | None) -> None:
         k.close(fd, path)
     except OSError:
         pass
+
+
+def close_all(closers: Iterable[Callable[[], None]]) -> None:
+    """Call every closer even if one fails, then raise the first OSError.
+
+    Linux releases an fd before close(2) can fail, so one failed close is no
+    reason to leave the next fd (and the pins behind it) open.
+    """
+    first: OSError | None = None
+    for close in closers:
+        try:
+            close()
+        except OSError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 @dataclass(frozen=True)
@@ -148,20 +165,12 @@ class Container:
         Every fd is closed even if closing one of them fails; the first such
         error is raised afterwards (the fds are released all the same).
         """
-        first: OSError | None = None
-        for group in list(self.groups):
-            try:
-                group.close()
-            except OSError as exc:
-                first = first or exc
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            try:
-                k.close(fd, self.path)
-            except OSError as exc:
-                first = first or exc
-        if first is not None:
-            raise first
+        close_all([*(g.close for g in list(self.groups)), self._close_fd])
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            k.close(fd, self.path)
 
     def __enter__(self) -> Container:
         return self
@@ -276,23 +285,17 @@ class Group:
 
         Closes everything even if one close fails, then raises the first error.
         """
-        first: OSError | None = None
-        for dev in list(self.devices):
-            try:
-                dev.close()
-            except OSError as exc:
-                first = first or exc
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            try:
-                k.close(fd, self.path)
-            except OSError as exc:
-                first = first or exc
+        close_all([*(d.close for d in list(self.devices)), self._close_fd, self._leave_container])
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            k.close(fd, self.path)
+
+    def _leave_container(self) -> None:
         if self.container is not None:
             self.container.groups.remove(self)
             self.container = None
-        if first is not None:
-            raise first
 
     def __enter__(self) -> Group:
         return self

@@ -47,7 +47,7 @@ from hostrelay.errors import VfioError
 from hostrelay.memory import GuestMemory
 from hostrelay.protocol import MapFlag
 from hostrelay.status import DeviceFailure, InvalidRequest, NoResources
-from hostrelay.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Container, Device, Group, IommuInfo
+from hostrelay.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Container, Device, Group, IommuInfo, close_all
 
 __all__ = [
     "CAP_IPC_LOCK",
@@ -233,11 +233,9 @@ class VfioBackend:
             # the container unless SET_CONTAINER succeeded, and a group
             # left open cannot be opened again (one open per group node).
             try:
-                if group is not None:
-                    group.close()
-                self.container.close()
+                close_all([*([group.close] if group is not None else []), self.container.close])
             except OSError:
-                pass  # fds are released anyway; the error to report is the first one
+                pass  # fds are released anyway; the error to report is the one raised here
             raise
         # The container is new, so DMA_AVAIL is the whole per-container budget
         # (copied from dma_entry_limit at VFIO_SET_IOMMU).
