@@ -1325,8 +1325,8 @@ class Relay:
         forwarded to every container, recorded and completed without returning
         to Python; ATTACH, DETACH and PROBE come back here and go through the
         same code as :meth:`handle_request`.  A malformed chain is completed
-        with used length 0; an available entry that names no descriptor stops
-        the queue instead (:attr:`needs_reset`).  Fault records queued meanwhile are then delivered
+        with used length 0; an available entry that names no descriptor, or
+        an avail index past the ring, stops the queue instead (:attr:`needs_reset`).  Fault records queued meanwhile are then delivered
         to the eventq if it is set up.  eventq: fills the driver's buffers with
         pending 24-byte fault records.
         """
@@ -1396,8 +1396,9 @@ class Relay:
     @staticmethod
     def _queue_broke(index: int) -> None:
         log.error(
-            "queue %d: the driver made a descriptor index >= the queue size available; "
-            "the queue is stopped until the device is reset (set DEVICE_NEEDS_RESET)",
+            "queue %d: the driver made a descriptor index >= the queue size available, or moved "
+            "the avail index more than the queue size ahead; the queue is stopped until the "
+            "device is reset (set DEVICE_NEEDS_RESET)",
             index,
         )
 
@@ -1406,8 +1407,10 @@ class Relay:
         """True once a queue has stopped on an error only a device reset clears.
 
         The driver made an impossible head available (an avail ring entry >=
-        the queue size): no used element can name it, so the device stops
-        that queue (QEMU's ``virtio_error`` does the same).  The VMM should
+        the queue size: no used element can name it) or moved the avail index
+        more than the queue size ahead of what the device took (virtio 1.2
+        §2.7.6), so the device stops that queue (QEMU's ``virtio_error`` does
+        the same).  The VMM should
         then set DEVICE_NEEDS_RESET (0x40) in the device status and send a
         configuration change notification (virtio 1.2 §2.1.2); the driver
         resets the device, and :meth:`reset` drops the queues it sets up again.
