@@ -1,8 +1,9 @@
 """Build script for ``hostrelay._native`` (cffi, API mode, out of line).
 
-Every ``cext/*.cdef`` file is the cffi declaration of the matching ``cext/*.c``
-file; all of them are compiled into one extension so a burst of work costs one
-Python->C transition.  Kernel constants and struct layouts are declared with
+Every ``cext/*.cdef`` file is the cffi declaration of the matching public
+header ``cext/*.h`` (``hr_relay.h`` is the API of several ``hr_*.c`` files);
+every ``cext/*.c`` file is compiled into one extension so a burst of work costs
+one Python->C transition.  Kernel constants and struct layouts are declared with
 ``...`` so the C compiler takes them from the system's ``<linux/vfio.h>``
 (Debian ``linux-libc-dev``): nothing here is typed by hand.
 """
@@ -48,9 +49,12 @@ if os.environ.get("HOSTRELAY_SANITIZE") == "1":
     # That test compiles with ffibuilder.compile(tmpdir=...), from another folder.
     _sources = [str(HERE.parent / s) for s in _sources]
 
+# Only the public headers, the ones with a .cdef, go into the module source:
+# that is all cffi wraps.  An internal header (hr_relay_int.h) stays the C
+# files' own, its static inline helpers out of the generated code.
 ffibuilder.set_source(
     "hostrelay._native",
-    "\n".join(f'#include "{p.stem}.h"' for p in sorted(HERE.glob("*.h"))),
+    "\n".join(f'#include "{p.stem}.h"' for p in sorted(HERE.glob("*.cdef"))),
     sources=_sources,
     include_dirs=[str(HERE)],
     extra_compile_args=_compile,

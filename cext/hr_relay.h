@@ -12,6 +12,7 @@
  * ioctl; a failure part-way is rolled back so every container and the table
  * agree; kernel failures are reported in struct hr_result for the Python
  * side to log and turn into fault events.  No policy, no logging here.
+ * Implemented across several files; hr_relay_int.h says which does what.
  */
 #ifndef HR_RELAY_H
 #define HR_RELAY_H
@@ -88,8 +89,8 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 
 int64_t hr_relay_request(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen,
                          uint8_t *out, struct hr_result *res);
-/* The relay's one lock, shared with Python (Relay._lock): every call below
- * expects it held, except hr_relay_fast and hr_relay_process_locked, which
+/* The relay's one lock, shared with Python (DataPlane.lock in
+ * hostrelay.dataplane.handle): every call below expects it held, except hr_relay_fast and hr_relay_process_locked, which
  * take it themselves (so their Python callers pay no lock of their own). */
 void hr_relay_lock(hr_relay *r);
 void hr_relay_unlock(hr_relay *r);

@@ -24,7 +24,7 @@ static struct {
 } hook = { .failed_fd = -1 };
 
 /* noinline and cold: the wrappers are inlined into the data plane's
- * flattened request path (cext/hr_relay.c), which must only carry the test
+ * flattened request path (hr_relay_process, hr_relay_fast), which must only carry the test
  * of hook.on, not this. */
 static __attribute__((noinline, cold)) int hook_call(uint32_t op, int fd)
 {

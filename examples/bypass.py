@@ -15,8 +15,9 @@ import sys
 
 from hostrelay import GuestMemory, Relay
 from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID, Edu
-from hostrelay.protocol import AttachFlag, AttachRequest, DetachRequest
-from hostrelay.sysfs import bind_vfio, find_pci
+from hostrelay.model.wire import AttachFlag, AttachRequest, DetachRequest
+from hostrelay.host.sysfs import find_pci
+from hostrelay.host.binding import bind_vfio
 
 ENDPOINT = 0x08
 GPA = 0x300000

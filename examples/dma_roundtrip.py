@@ -16,10 +16,12 @@ import os
 import subprocess
 import sys
 
-from hostrelay import _kernel
+from hostrelay.kernel import ioctl as _kernel
 from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID, Edu
-from hostrelay.sysfs import bind_vfio, find_pci, wait_for_vfio_node
-from hostrelay.vfio import Container, Group, group_of
+from hostrelay.host.sysfs import find_pci
+from hostrelay.host.binding import bind_vfio
+from hostrelay.host.udev import wait_for_vfio_node
+from hostrelay.kernel.vfio import Container, Group, group_of
 
 IOVA = 0x100000
 LENGTH = 2048

@@ -14,8 +14,9 @@ import sys
 
 from hostrelay import GuestMemory, Relay
 from hostrelay.drivers.nvme import CLASS_NVME, AdminQueues, Nvme
-from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, Status
-from hostrelay.sysfs import bind_vfio, find_pci
+from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, Status
+from hostrelay.host.sysfs import find_pci
+from hostrelay.host.binding import bind_vfio
 
 ENDPOINT = 0x10
 PAGE = 0x1000

@@ -27,9 +27,10 @@ import time
 
 from hostrelay import GuestMemory, Relay
 from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID, Edu
-from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, Status, UnmapRequest
-from hostrelay.sysfs import bind_vfio, find_pci
-from hostrelay.virtqueue import DriverQueue
+from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, Status, UnmapRequest
+from hostrelay.host.sysfs import find_pci
+from hostrelay.host.binding import bind_vfio
+from hostrelay.drivers.virtqueue import DriverQueue
 
 ENDPOINT = 0x08  # PCI requester ID of the passed-through function in the guest
 RING_GPA, BUF_GPA, IOVA = 0x100000, 0x400000, 0x10000000 - 0x10000  # IOVA below edu's 28-bit DMA mask

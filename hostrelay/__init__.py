@@ -15,22 +15,22 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Container": "hostrelay.vfio",
-    "Group": "hostrelay.vfio",
-    "Device": "hostrelay.vfio",
-    "IommuInfo": "hostrelay.vfio",
-    "VfioError": "hostrelay.errors",
+    "Container": "hostrelay.kernel.vfio",
+    "Group": "hostrelay.kernel.vfio",
+    "Device": "hostrelay.kernel.vfio",
+    "IommuInfo": "hostrelay.kernel.vfio",
+    "VfioError": "hostrelay.kernel.errors",
     "Relay": "hostrelay.relay",
-    "GuestMemory": "hostrelay.memory",
+    "GuestMemory": "hostrelay.backends.memory",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:
-    from hostrelay.errors import VfioError
-    from hostrelay.memory import GuestMemory
+    from hostrelay.kernel.errors import VfioError
+    from hostrelay.backends.memory import GuestMemory
     from hostrelay.relay import Relay
-    from hostrelay.vfio import Container, Device, Group, IommuInfo
+    from hostrelay.kernel.vfio import Container, Device, Group, IommuInfo
 
 
 def __getattr__(name: str) -> Any:

@@ -59,7 +59,12 @@ def testbed() -> None:
     """The built-in VFIO testbed: a QEMU VM with an emulated IOMMU and DMA devices."""
 
 
-@testbed.command("run", context_settings={"ignore_unknown_options": True})
+# Options end at `--` or at the first word that is not an option, and one the
+# testbed does not know is a usage error (exit 2) before anything boots:
+# ignoring unknown options would boot the guest only to run a mistyped option
+# as the command (exit 127), and interspersed options would take an option of
+# CMD's own that the testbed also has (`python bench.py --edu 4`).
+@testbed.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--iommu", type=click.Choice(["intel", "virtio"]), default="intel", show_default=True,
               help="Emulated IOMMU: Intel VT-d with interrupt remapping, or virtio-iommu.")
 @click.option("--edu", type=click.IntRange(0, 8), default=1, show_default=True, help="Number of edu DMA devices.")
@@ -75,15 +80,19 @@ def testbed() -> None:
 @click.option("--modules", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The /lib/modules/<release> directory that goes with --kernel.")
 @click.option("--memory", "memory_mb", type=click.IntRange(256, 16384), default=2048, show_default=True, help="Guest RAM in MiB.")
+@click.option("--icount", is_flag=True,
+              help="Run the guest under QEMU's instruction counter (-icount shift=0,sleep=off): timings are in guest "
+                   "instructions (1 ns each) and repeat from boot to boot.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
-                modules: Path | None, memory_mb: int, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
+                modules: Path | None, memory_mb: int, icount: bool, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
     """Boot the testbed, run CMD as root in it, power off; exit with CMD's status.
 
     The guest sees the host's root filesystem read-only with a writable
-    overlay, so the host's Python and virtualenv run unchanged.  Put `--`
-    before CMD when it has options of its own.
+    overlay, so the host's Python and virtualenv run unchanged.  The
+    testbed's options end at the first word that is not one of them, so
+    CMD's own options go to CMD; put `--` before a CMD that starts with `-`.
     """
     from hostrelay.testbed import TestbedConfig, TestbedSetupError, run
 
@@ -97,7 +106,7 @@ def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports
 
     config = TestbedConfig(iommu=iommu, edu=edu, nvme=nvme, bridged_edu=bridged_edu, hotplug_ports=hotplug_ports,
                            kernel_args=kernel_args, kernel=kernel,
-                           modules=modules, memory_mb=memory_mb)  # fmt: skip
+                           modules=modules, memory_mb=memory_mb, icount=icount)  # fmt: skip
     try:
         result = run(cmd, config, timeout=timeout, on_output=out, log=log)
     except TestbedSetupError as exc:
@@ -112,8 +121,8 @@ def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports
 
 
 # ------------------------------------------------------------- host tooling
-# Front ends only: discovery in hostrelay.devices, binding in hostrelay.binding,
-# readiness in hostrelay.check, events and rules in hostrelay.udev.
+# Front ends only: discovery in hostrelay.host.devices, binding in hostrelay.host.binding,
+# readiness in hostrelay.host.check, events and rules in hostrelay.host.udev.
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -135,13 +144,13 @@ def _host_options(func: F) -> F:
 
 
 def _host(state_dir: Path, sysfs_root: Path, dev_root: Path, proc_root: Path) -> Any:
-    from hostrelay.sysfs import Host
+    from hostrelay.host.sysfs import Host
 
     return Host(sys=sysfs_root, dev=dev_root, proc=proc_root, state_dir=state_dir)
 
 
 def _addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
-    from hostrelay.devices import normalize_address
+    from hostrelay.host.devices import normalize_address
 
     try:
         return [normalize_address(v) for v in values]
@@ -167,11 +176,11 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 @_host_options
 def devices_cmd(as_json: bool, watch: bool, count: int | None, timeout: float, **roots: Path) -> None:
     """PCI functions: address, IDs, name, class, driver, IOMMU group, vfio-ready, in use."""
-    from hostrelay.devices import describe, list_functions
+    from hostrelay.host.devices import describe, list_functions
 
     host = _host(**roots)
     if watch:
-        from hostrelay.udev import PciWatcher
+        from hostrelay.host.udev import PciWatcher
 
         seen = 0
         try:
@@ -216,7 +225,7 @@ def devices_cmd(as_json: bool, watch: bool, count: int | None, timeout: float, *
 @_host_options
 def groups_cmd(as_json: bool, **roots: Path) -> None:
     """IOMMU groups: members, viability for VFIO, reserved regions, who holds them open."""
-    from hostrelay.devices import list_groups
+    from hostrelay.host.devices import list_groups
 
     groups = list_groups(_host(**roots))
     if as_json:
@@ -234,7 +243,7 @@ def groups_cmd(as_json: bool, **roots: Path) -> None:
 
 
 def _report(result: Any, as_json: bool) -> None:
-    from hostrelay.binding import result_text
+    from hostrelay.host.binding import result_text
 
     if as_json:
         _emit_json(result.to_json())
@@ -255,7 +264,7 @@ def _report(result: Any, as_json: bool) -> None:
 def bind_cmd(addresses: list[str], whole_group: bool, force: bool, dry_run: bool, as_json: bool, timeout: float,
              **roots: Path) -> None:  # fmt: skip
     """Hand PCI functions to vfio-pci; returns when /dev/vfio/N is ready."""
-    from hostrelay.binding import BindError, bind
+    from hostrelay.host.binding import BindError, bind
 
     try:
         result = bind(addresses, _host(**roots), whole_group=whole_group, force=force, dry_run=dry_run, timeout=timeout)
@@ -272,7 +281,7 @@ def bind_cmd(addresses: list[str], whole_group: bool, force: bool, dry_run: bool
 @_host_options
 def unbind_cmd(addresses: list[str], restore: bool, dry_run: bool, as_json: bool, **roots: Path) -> None:
     """Take PCI functions off vfio-pci (refused while their group is open)."""
-    from hostrelay.binding import BindError, unbind
+    from hostrelay.host.binding import BindError, unbind
 
     try:
         result = unbind(addresses, _host(**roots), restore=restore, dry_run=dry_run)
@@ -282,7 +291,7 @@ def unbind_cmd(addresses: list[str], restore: bool, dry_run: bool, as_json: bool
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    from hostrelay.check import parse_size
+    from hostrelay.host.check import parse_size
 
     try:
         return None if value is None else parse_size(value)
@@ -297,7 +306,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @_host_options
 def check_cmd(guest_ram: int | None, containers: int | None, as_json: bool, **roots: Path) -> None:
     """Is this host ready for VFIO? Each finding with its remedy; exit 1 if not ready."""
-    from hostrelay.check import readiness, ready
+    from hostrelay.host.check import readiness, ready
 
     findings = readiness(_host(**roots), guest_ram=guest_ram, containers=containers)
     ok = ready(findings)
@@ -319,7 +328,7 @@ def check_cmd(guest_ram: int | None, containers: int | None, as_json: bool, **ro
               help="Bind this function (or every function with this ID) to vfio-pci at boot; repeatable.")
 def udev_rules_cmd(unix_group: str | None, mode: str, selectors: tuple[str, ...]) -> None:
     """Print udev rules: group access to /dev/vfio/* and/or vfio-pci binding at boot."""
-    from hostrelay.udev import rules_text
+    from hostrelay.host.udev import rules_text
 
     if unix_group is None and not selectors:
         raise click.UsageError("give --group GROUP and/or --bind ADDR|VVVV:DDDD")

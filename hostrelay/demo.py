@@ -25,8 +25,8 @@ from hostrelay.drivers.edu import DEVICE_ID as EDU_DEVICE
 from hostrelay.drivers.edu import VENDOR_ID as EDU_VENDOR
 from hostrelay.drivers.edu import Edu
 from hostrelay.drivers.nvme import CLASS_NVME, AdminQueues, Nvme, NvmeError
-from hostrelay.memory import GuestMemory
-from hostrelay.protocol import (
+from hostrelay.backends.memory import GuestMemory
+from hostrelay.model.wire import (
     AttachRequest,
     DetachRequest,
     MapFlag,
@@ -39,8 +39,8 @@ from hostrelay.protocol import (
     unpack_resv_mem,
 )
 from hostrelay.relay import Relay
-from hostrelay.sysfs import find_pci
-from hostrelay.virtqueue import DriverQueue
+from hostrelay.host.sysfs import find_pci
+from hostrelay.drivers.virtqueue import DriverQueue
 
 __all__ = ["Demo", "main"]
 

@@ -27,8 +27,8 @@ import time
 
 from hostrelay import GuestMemory, Relay
 from hostrelay._native import lib
-from hostrelay._table import MappingTable
-from hostrelay.protocol import AttachRequest, MapRequest, UnmapRequest
+from hostrelay.dataplane.table import MappingTable
+from hostrelay.model.wire import AttachRequest, MapRequest, UnmapRequest
 
 PAGE = 0x1000
 SMALL = 16

@@ -36,12 +36,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from hostrelay import GuestMemory, Relay, _kernel
+from hostrelay import GuestMemory, Relay
+from hostrelay.kernel import ioctl as _kernel
 from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
-from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, UnmapRequest
-from hostrelay.sysfs import bind_vfio, find_pci, wait_for_vfio_node
-from hostrelay.vfio import Container, Group, group_of
-from hostrelay.virtqueue import DriverQueue
+from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, UnmapRequest
+from hostrelay.host.sysfs import find_pci
+from hostrelay.host.binding import bind_vfio
+from hostrelay.host.udev import wait_for_vfio_node
+from hostrelay.kernel.vfio import Container, Group, group_of
+from hostrelay.drivers.virtqueue import DriverQueue
 
 PAGE = 0x1000
 BATCH = 64
@@ -143,11 +146,11 @@ class RelaySetup:
 
     def c_ring(self, batches: int) -> float:
         """The ring with the driver side in C as well: no Python between batches."""
-        q = self.relay._queues[0]
+        q = self.relay._queues.queues[0]
         heads = _kernel.ffi.new("uint16_t[]", self.heads)
-        self.relay._sync_memory()
+        self.relay._dp.sync_memory()
         t = time.perf_counter()
-        rc = _kernel.lib.hr_relay_bench_ring(self.relay._c, q.c, heads, len(self.heads), batches)
+        rc = _kernel.lib.hr_relay_bench_ring(self.relay._dp.c, q.c, heads, len(self.heads), batches)
         spent = time.perf_counter() - t
         if rc:
             raise RuntimeError("C-driven ring: a request failed")
@@ -160,14 +163,14 @@ class RelaySetup:
         same Python between kicks and the same ring walk, but each request goes
         straight to the container's ioctl with none of the relay's work."""
         fd = self.relay.vfio_backend(0x10).container.fd
-        self.relay._sync_memory()
-        return self._kicks(batches, BATCH, _kernel.lib.hr_relay_bench_floor, self.relay._c, self.relay._queues[0].c, fd)
+        self.relay._dp.sync_memory()
+        return self._kicks(batches, BATCH, _kernel.lib.hr_relay_bench_floor, self.relay._dp.c, self.relay._queues.queues[0].c, fd)
 
     def c_loop(self, pairs: int) -> float:
         """hr_relay_map/hr_relay_unmap in a C loop: the data plane without the ring."""
-        self.relay._sync_memory()
+        self.relay._dp.sync_memory()
         t = time.perf_counter()
-        rc = _kernel.lib.hr_relay_bench_map_unmap(self.relay._c, 1, IOVA, 0, PAGE, pairs, BATCH)
+        rc = _kernel.lib.hr_relay_bench_map_unmap(self.relay._dp.c, 1, IOVA, 0, PAGE, pairs, BATCH)
         spent = time.perf_counter() - t
         if rc:
             raise RuntimeError(f"relay C loop failed with status {-rc}")

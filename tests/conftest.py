@@ -17,8 +17,10 @@ pytest_plugins = ["testbed_plugin"]
 def edu_bdfs() -> list[str]:
     """Every edu function, bound to vfio-pci (skips where there is none)."""
     from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
-    from hostrelay.sysfs import bind_vfio, find_pci, wait_for_vfio_node
-    from hostrelay.vfio import group_of
+    from hostrelay.host.sysfs import find_pci
+    from hostrelay.host.binding import bind_vfio
+    from hostrelay.host.udev import wait_for_vfio_node
+    from hostrelay.kernel.vfio import group_of
 
     found = find_pci(VENDOR_ID, DEVICE_ID)
     if not found:
@@ -42,7 +44,7 @@ def vfio_bdf(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def container(vfio_bdf: str) -> Iterator["object"]:
     """A type1v2 container holding ``vfio_bdf``'s group; everything closed afterwards."""
-    from hostrelay.vfio import Container, Group
+    from hostrelay.kernel.vfio import Container, Group
 
     with Container() as c:
         c.attach(Group.for_device(vfio_bdf))

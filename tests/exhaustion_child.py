@@ -24,8 +24,8 @@ import time
 from typing import Any
 
 from hostrelay import GuestMemory, Relay
-from hostrelay.protocol import TAIL_SIZE, AttachRequest, MapRequest, Status, UnmapRequest
-from hostrelay.vfio_backend import has_cap_ipc_lock, locked_bytes
+from hostrelay.model.wire import TAIL_SIZE, AttachRequest, MapRequest, Status, UnmapRequest
+from hostrelay.backends.type1 import has_cap_ipc_lock, locked_bytes
 
 PAGE = 0x1000
 MIB = 1 << 20

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from hostrelay import Relay
-from hostrelay.virtqueue import DriverQueue
+from hostrelay.drivers.virtqueue import DriverQueue
 
 RING_GPA = 1 << 44
 RING_SIZE = 8 << 20

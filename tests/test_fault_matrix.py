@@ -3,12 +3,12 @@
 For each relay operation that reaches VFIO (MAP and UNMAP through each door,
 ATTACH that replays a domain, DETACH, bypass on and off by config write and by
 ATTACH, close, and adding a VFIO endpoint) the test first counts the wrapper
-calls the operation makes (:func:`hostrelay._kernel.counting`), then, for
+calls the operation makes (:func:`hostrelay.kernel.ioctl.counting`), then, for
 every call index and every errno below, rebuilds the relay from nothing,
 makes exactly that call fail at the kernel seam
-(:func:`hostrelay._kernel.inject_failure`: the ioctl is not issued) and checks:
+(:func:`hostrelay.kernel.ioctl.inject_failure`: the ioctl is not issued) and checks:
 
-- the status is the one :func:`hostrelay.status.status_for` (the one
+- the status is the one :func:`hostrelay.model.status.status_for` (the one
   errno → status table) names for the errno;
 - a fault event names the endpoint(s) of the container that failed;
 - a refused request left the relay as it was (D-16 moves excepted: there the
@@ -43,8 +43,8 @@ from typing import Any
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay._kernel import Injection, Op, call_counts, counting, inject_failure
-from hostrelay.protocol import (
+from hostrelay.kernel.ioctl import Injection, Op, call_counts, counting, inject_failure
+from hostrelay.model.wire import (
     TAIL_SIZE,
     AttachFlag,
     AttachRequest,
@@ -54,9 +54,9 @@ from hostrelay.protocol import (
     Status,
     UnmapRequest,
 )
-from hostrelay.status import status_for
-from hostrelay.virtqueue import DriverQueue
-from hostrelay.vfio_backend import VfioBackend
+from hostrelay.dataplane.handle import status_for
+from hostrelay.drivers.virtqueue import DriverQueue
+from hostrelay.backends.type1 import VfioBackend
 
 from exhaustion_child import status_kib
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostrelay import GuestMemory, Relay
-from hostrelay.protocol import (
+from hostrelay.model.wire import (
     AttachRequest,
     DetachRequest,
     MapRequest,

@@ -25,8 +25,8 @@ _CHILD = textwrap.dedent(
     """
     import json, resource, sys
     from hostrelay import GuestMemory, Relay
-    from hostrelay.protocol import AttachRequest, MapFlag, MapRequest
-    from hostrelay.virtqueue import DESC_F_NEXT, DESC_F_WRITE, DriverQueue
+    from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest
+    from hostrelay.drivers.virtqueue import DESC_F_NEXT, DESC_F_WRITE, DriverQueue
 
     kind, big = sys.argv[1], sys.argv[2] == "readable"
     GIB = 1 << 30
@@ -93,7 +93,7 @@ def test_three_gib_writable_chain_is_not_answered(kind: str) -> None:
 
 
 def test_bounds_are_those_of_the_protocol() -> None:
-    from hostrelay.protocol import REQUEST_CLASSES, ProbeRequest
+    from hostrelay.model.wire import REQUEST_CLASSES, ProbeRequest
 
     assert MAX_READABLE == ProbeRequest.readable_size() == 72
     assert all(cls.readable_size() <= MAX_READABLE for cls in REQUEST_CLASSES.values())
@@ -106,7 +106,7 @@ def test_a_domain_holds_at_most_default_max_mappings() -> None:
     import struct
 
     from hostrelay import GuestMemory, Relay
-    from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, Status
+    from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, Status
     from hostrelay.relay import DEFAULT_MAX_MAPPINGS
 
     with GuestMemory() as memory:

@@ -1,4 +1,4 @@
-"""Host tooling against the real kernel (issue 5 acceptance), run in the testbed.
+"""Host tooling against the real kernel, run in the testbed.
 
 One testbed configuration for the Intel tests (edu, nvme, two bridged edu,
 two hot-plug ports) plus the default virtio one.  Every test leaves devices as
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from hostrelay.sysfs import Host, driver_of, find_pci
+from hostrelay.host.sysfs import Host, driver_of, find_pci
 
 INTEL = {"iommu": "intel", "edu": 1, "nvme": 1, "bridged_edu": 2, "hotplug_ports": 2}
 EDU = (0x1234, 0x11E8)
@@ -131,7 +131,7 @@ def udevd() -> Iterator[None]:
 def test_bind_edu_and_nvme_then_restore(state_dir: Path) -> None:
     import pyudev
 
-    from hostrelay.udev import event_source
+    from hostrelay.host.udev import event_source
 
     edu, nvme = lone_edu(), find_pci(*NVME)[0]
     assert driver_of(nvme) == "nvme" and driver_of(edu) is None
@@ -193,7 +193,7 @@ def test_bind_refuses_nvme_in_use_unless_forced(state_dir: Path) -> None:
 
 @pytest.mark.vfio(**INTEL)
 def test_unbind_refused_while_group_open(state_dir: Path) -> None:
-    from hostrelay.vfio import Group
+    from hostrelay.kernel.vfio import Group
 
     edu = lone_edu()
     hostrelay("bind", edu, state_dir=state_dir, check=True)
@@ -280,7 +280,7 @@ def test_hotplugged_device_seen_through_udev_event_and_bound(state_dir: Path, ud
 @pytest.mark.vfio(**INTEL)
 def test_boot_bind_rule_binds_hotplugged_device(state_dir: Path, udevd: None) -> None:
     from hostrelay.testbed.qmp import guest_qmp
-    from hostrelay.udev import PciWatcher
+    from hostrelay.host.udev import PciWatcher
 
     rules = hostrelay("udev-rules", "--bind", "1234:11e8", state_dir=state_dir, check=True).stdout
     rule_file = Path("/etc/udev/rules.d/60-hostrelay-vfio-bind.rules")
@@ -308,7 +308,7 @@ def test_boot_bind_rule_binds_hotplugged_device(state_dir: Path, udevd: None) ->
 # ------------------------------------------------------- unprivileged user
 MAP_UNMAP = """
 import mmap, sys
-from hostrelay.vfio import Container, Group
+from hostrelay.kernel.vfio import Container, Group
 buf = mmap.mmap(-1, 1 << 20)
 addr = __import__("ctypes").addressof(__import__("ctypes").c_char.from_buffer(buf))
 with Container() as c:

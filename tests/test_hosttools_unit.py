@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hostrelay import sysfs
-from hostrelay.binding import BindError, bind, plan_bind, unbind
-from hostrelay.check import parse_size, readiness, ready
+from hostrelay.host import sysfs
+from hostrelay.host.binding import BindError, bind, bind_vfio, plan_bind, unbind
+from hostrelay.host.check import parse_size, readiness, ready
 from hostrelay.cli import main
-from hostrelay.devices import list_functions, list_groups, normalize_address
-from hostrelay.sysfs import Host
-from hostrelay.udev import VfioNodeWaiter, access_rule, bind_rule, rules_text
+from hostrelay.host.devices import list_functions, list_groups, normalize_address
+from hostrelay.host.sysfs import Host
+from hostrelay.host.udev import VfioNodeWaiter, access_rule, bind_rule, rules_text
 
 REPO = Path(__file__).parents[1]
 
@@ -227,7 +227,7 @@ def test_swap_and_holders_are_in_use(fk: FakeKernel) -> None:
     os.symlink("../../dm-0", disk / "vda1/holders/dm-0")
     (fk.root / "proc/swaps").write_text("Filename Type Size Used Priority\n/dev/vda partition 1 0 -2\n")
     assert fk.host.pci("0000:00:02.0").is_dir()
-    from hostrelay.devices import usage
+    from hostrelay.host.devices import usage
 
     assert usage(fk.host, "0000:00:02.0") == ["block device vda is used for swap", "block device vda1 is held by dm-0"]
 
@@ -264,7 +264,7 @@ def test_node_waiter_without_events_checks_state(fk: FakeKernel) -> None:
 
 def test_legacy_bind_vfio_binds_one_member(fk: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sysfs, "write_file", fk.write)
-    sysfs.bind_vfio("0000:02:01.0", sysfs_root=fk.sys)  # group-unaware on purpose (test fixtures)
+    bind_vfio("0000:02:01.0", sysfs_root=fk.sys)  # group-unaware on purpose (test fixtures)
     assert sysfs.driver_of("0000:02:01.0", sysfs_root=fk.sys) == "vfio-pci"
     assert sysfs.find_pci(0x1234, 0x11E8, sysfs_root=fk.sys) == ["0000:00:03.0", "0000:02:01.0", "0000:02:02.0"]
     assert not fk.host.state_dir.exists()

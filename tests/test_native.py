@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hostrelay import _kernel as k
-from hostrelay.errors import (
+from hostrelay.kernel import ioctl as k
+from hostrelay.kernel.errors import (
     VfioError,
     VfioInvalidArgument,
     VfioMappingExists,
@@ -257,7 +257,7 @@ def test_the_c_data_plane_ioctls_go_through_the_hook(devnull: int) -> None:
     # neither leaves a mapping or a counter behind.
     from hostrelay import GuestMemory, Relay
     from hostrelay._native import ffi, lib
-    from hostrelay.protocol import AttachRequest, MapRequest, Status
+    from hostrelay.model.wire import AttachRequest, MapRequest, Status
 
     with GuestMemory() as mem:
         mem.add_region(0, 1 << 20)
@@ -266,11 +266,11 @@ def test_the_c_data_plane_ioctls_go_through_the_hook(devnull: int) -> None:
         assert r.handle_request(AttachRequest(3, 1).pack(), 4) == bytes(4)
         cont = ffi.new("struct hr_container *", {"fd": devnull, "avail": 1000})
         conts = ffi.new("struct hr_container *[]", [cont])
-        assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 1) == 0
+        assert lib.hr_relay_domain_set_containers(r._dp.c, 3, conts, 1) == 0
         req = MapRequest(3, 0x1000, 0x1FFF, 0, 3).pack()
         assert Status(r.handle_request(req, 4)[0]) == Status.DEVERR
         with k.counting(), k.inject_failure(k.Op.MAP_DMA, err=errno.ENOSPC) as inj:
             assert Status(r.handle_request(req, 4)[0]) == Status.NOMEM
         assert inj.fired and inj.fd == devnull and k.call_counts()[k.Op.MAP_DMA] == 1
         assert r.mapping_count(3) == 0 and cont.entries == 0 and cont.avail == 1000
-        assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 0) == 0
+        assert lib.hr_relay_domain_set_containers(r._dp.c, 3, conts, 0) == 0

@@ -1,4 +1,4 @@
-"""The sans-IO codec against the byte layouts of virtio 5.13 (research §1.3–1.9)."""
+"""The sans-IO codec against the byte layouts of virtio 5.13 (§5.13.4 config, §5.13.6 requests, PROBE properties and fault records)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostrelay.protocol import (
+from hostrelay.model.wire import (
     CONFIG_SIZE,
     FAULT_SIZE,
     AttachRequest,

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay._table import Mapping
-from hostrelay.protocol import (
+from hostrelay.dataplane.table import Mapping
+from hostrelay.model.wire import (
     AttachFlag,
     AttachRequest,
     DetachRequest,
@@ -29,7 +29,8 @@ from hostrelay.protocol import (
     unpack_resv_mem,
 )
 from hostrelay.relay import TranslationFault
-from hostrelay.status import DeviceFailure, InvalidRequest, status_for
+from hostrelay.dataplane.handle import status_for
+from hostrelay.model.status import DeviceFailure, InvalidRequest
 
 U64_MAX = (1 << 64) - 1
 R, W, RW = int(MapFlag.READ), int(MapFlag.WRITE), int(MapFlag.READ | MapFlag.WRITE)
@@ -372,7 +373,7 @@ def test_internal_error_becomes_deverr(relay: Relay, monkeypatch: pytest.MonkeyP
     def boom(req: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setitem(relay._handlers, 1, boom)
+    monkeypatch.setitem(relay._requests.control.handlers, 1, boom)
     assert send(relay, AttachRequest(1, 8)) == Status.DEVERR
     if transport == "ring":
         return  # the rest is handle_request's own reply to a failure of its own
@@ -381,12 +382,12 @@ def test_internal_error_becomes_deverr(relay: Relay, monkeypatch: pytest.MonkeyP
     def broken_handle(readable: bytes, writable_len: int) -> bytes:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(relay, "_handle", broken_handle)
+    monkeypatch.setattr(relay._requests.control, "handle", broken_handle)
     assert relay.handle_request(AttachRequest(1, 8).pack(), 12) == bytes(8) + pack_tail(Status.DEVERR)
     assert relay.handle_request(AttachRequest(1, 8).pack(), "4") == b""  # type: ignore[arg-type]
 
 
-# --- backend hooks (issue 4 plugs VFIO in here) -----------------------------------
+# --- backend hooks (where VFIO plugs in) -----------------------------------
 
 
 class FakeBackend:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from hostrelay import GuestMemory
-from hostrelay.memory import GuestAddressError, Span
+from hostrelay.backends.memory import GuestAddressError, Span
 
 MiB = 1 << 20
 

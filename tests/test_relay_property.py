@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostrelay import GuestMemory, Relay
-from hostrelay.protocol import (
+from hostrelay.model.wire import (
     AttachRequest,
     DetachRequest,
     MapRequest,

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay.errors import VfioNoDevice
-from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, ProbeRequest, Status, UnmapRequest
-from hostrelay.virtqueue import DESC_F_NEXT, DESC_F_WRITE, DriverQueue
+from hostrelay.kernel.errors import VfioNoDevice
+from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, ProbeRequest, Status, UnmapRequest
+from hostrelay.drivers.virtqueue import DESC_F_NEXT, DESC_F_WRITE, DriverQueue
 
 RAM = 16 << 20
 RING = 0x800000
@@ -187,7 +187,7 @@ def failing_container(r: Relay, domain: int) -> tuple[Any, Any]:
     assert r.handle_request(AttachRequest(domain, 1).pack(), 4) == bytes(4)
     cont = ffi.new("struct hr_container *", {"fd": -1, "avail": 1000})
     conts = ffi.new("struct hr_container *[]", [cont])
-    assert lib.hr_relay_domain_set_containers(r._c, domain, conts, 1) == 0
+    assert lib.hr_relay_domain_set_containers(r._dp.c, domain, conts, 1) == 0
     return cont, conts
 
 
@@ -231,7 +231,7 @@ def test_kernel_failure_through_handle_request_is_reported_and_unlocks(
             assert r.handle_request(MapRequest(3, i << 12, (i << 12) + 0xFFF, 0, R).pack(), 4)[0] == bad
     assert sum("MAP at" in rec.getMessage() for rec in caplog.records) == 3
     assert r.mapping_count(3) == 0 and cont.entries == 0
-    assert lib.hr_relay_domain_set_containers(r._c, 3, conts, 0) == 0
+    assert lib.hr_relay_domain_set_containers(r._dp.c, 3, conts, 0) == 0
     assert r.handle_request(MapRequest(3, 0, 0xFFF, 0, R).pack(), 4) == bytes(4)  # the lock is free again
 
 

@@ -2,9 +2,10 @@
 
 - 5.13.6.6 (virtio v1.2+ "UNMAP request"): the seven numbered examples.
 - QEMU ``tests/qtest/virtio-iommu-test.c``: ``config``, ``attach_detach`` and
-  ``map_unmap`` (research §3.9).  Those use 5- and 10-byte mappings, legal
+  ``map_unmap``.  Those use 5- and 10-byte mappings, legal
   only with a byte granule, so they run with ``page_size_mask`` bit 0 set.
-- research §6.10: the strict cases QEMU does not check.
+- strict cases QEMU's device does not check (each is a requirement in
+  ``docs/requirements.md``).
 
 Every request goes through ``handle_request`` as bytes, exactly as a driver
 would write it: a readable part of ``sizeof(req) - 4`` and a 4-byte tail.
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay.protocol import (
+from hostrelay.model.wire import (
     AttachFlag,
     AttachRequest,
     DetachRequest,
@@ -188,7 +189,7 @@ def test_qtest_map_unmap(memory: GuestMemory) -> None:
     assert ranges(r, 1) == [(10, 14)]
 
 
-# --- research §6.10: strict cases QEMU skips ----------------------------------------
+# --- strict cases QEMU's device does not check ----------------------------------------
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostrelay._native import ffi, lib
-from hostrelay._table import (
+from hostrelay.dataplane.table import (
     Mapping,
     MappingTable,
     OverlapError,

@@ -6,6 +6,7 @@ import gzip
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,90 @@ def test_given_kernel_needs_modules_and_is_checked(fake_kernel: KernelImage) -> 
         kernel.find_kernel("intel", kernel=fake_kernel.vmlinuz)
     with pytest.raises(TestbedSetupError, match="lacks"):
         kernel.find_kernel("intel", kernel=fake_kernel.vmlinuz, modules=fake_kernel.modules_dir)
+
+
+# ------------------------------------------------ `hostrelay testbed run` CLI
+class _Booted(Exception):
+    """Raised by the stand-in for the VM so a test sees where a boot would start."""
+
+
+@pytest.fixture
+def no_boot(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[str, ...], vm.TestbedConfig]]:
+    """The CLI's ``run`` replaced: each call is recorded, and nothing boots."""
+    import hostrelay.testbed
+
+    calls: list[tuple[tuple[str, ...], vm.TestbedConfig]] = []
+
+    def fake_run(cmd: tuple[str, ...], config: vm.TestbedConfig, **kwargs: object) -> vm.TestbedResult:
+        calls.append((tuple(cmd), config))
+        return vm.TestbedResult(returncode=0, output="", timed_out=False, wall_seconds=0.0, boot_seconds=0.0,
+                                guest_uptime_at_start=0.0)  # fmt: skip
+
+    monkeypatch.setattr(hostrelay.testbed, "run", fake_run)
+    return calls
+
+
+def _testbed_run(*argv: str) -> Any:
+    from click.testing import CliRunner
+
+    from hostrelay.cli import main
+
+    return CliRunner().invoke(main, ["testbed", "run", "-q", *argv])
+
+
+def test_unknown_option_is_a_usage_error_before_boot(no_boot: list[Any]) -> None:
+    result = _testbed_run("--bogus-option", "true")
+    assert result.exit_code == 2, result.output
+    assert "--bogus-option" in result.output and "No such option" in result.output
+    assert no_boot == []  # refused before anything booted
+    result = _testbed_run("--edu", "2", "--bogus-option")
+    assert result.exit_code == 2 and "--bogus-option" in result.output and no_boot == []
+
+
+def test_options_stop_at_the_first_word_of_the_command(no_boot: list[Any]) -> None:
+    result = _testbed_run("--edu", "2", "python", "-c", "x", "--foo", "--edu", "4", "-q")
+    assert result.exit_code == 0, result.output
+    [(cmd, config)] = no_boot
+    assert cmd == ("python", "-c", "x", "--foo", "--edu", "4", "-q")  # CMD's own options, even ones the testbed has
+    assert config.edu == 2
+
+
+def test_double_dash_ends_the_options(no_boot: list[Any]) -> None:
+    result = _testbed_run("--nvme", "1", "--", "--weird", "--icount")
+    assert result.exit_code == 0, result.output
+    [(cmd, config)] = no_boot
+    assert cmd == ("--weird", "--icount") and config.nvme == 1 and not config.icount
+
+
+def test_icount_reaches_the_qemu_command_line(monkeypatch: pytest.MonkeyPatch, fake_kernel: KernelImage, tmp_path: Path) -> None:
+    # The real vm.run up to the QEMU process: the argv it would start is captured instead.
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"")
+    argvs: list[list[str]] = []
+
+    def fake_popen(args: list[str], **kwargs: object) -> None:
+        argvs.append(args)
+        raise _Booted
+
+    monkeypatch.setattr(vm, "qemu_binary", lambda: "qemu-system-x86_64")
+    monkeypatch.setattr(vm, "find_kernel", lambda *a, **k: fake_kernel)
+    monkeypatch.setattr(vm, "build_initramfs", lambda *a, **k: initrd)
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)  # vm calls subprocess.Popen
+    for argv in (["--icount"], []):
+        result = _testbed_run(*argv, "true")
+        assert isinstance(result.exception, _Booted), result.output
+    with_icount, without = argvs
+    assert with_icount[0] == "qemu-system-x86_64"
+    at = with_icount.index("-icount")
+    assert with_icount[at + 1] == "shift=0,sleep=off"
+    # icount forbids multi-threaded TCG: the accelerator must never ask for it.
+    assert "thread=multi" not in with_icount[with_icount.index("-accel") + 1]
+    assert "-icount" not in without
+    smp = vm._qemu_args(vm.TestbedConfig(icount=True, cpus=2), Path("k"), Path("i"), _xfer(tmp_path))
+    assert smp[smp.index("-accel") + 1] == "tcg,thread=single" and "-icount" in smp
+
+
+def _xfer(tmp_path: Path) -> Path:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "xfer").mkdir()
+    return tmp_path / "run"

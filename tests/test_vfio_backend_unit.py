@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay import _kernel as k
-from hostrelay.errors import vfio_error
-from hostrelay.protocol import TAIL_SIZE, AttachRequest, MapRequest, ResvMemType, Status, UnmapRequest
+from hostrelay.kernel import ioctl as k
+from hostrelay.kernel.errors import vfio_error
+from hostrelay.model.wire import TAIL_SIZE, AttachRequest, MapRequest, ResvMemType, Status, UnmapRequest
 
 PAGE = 0x1000
 MIB = 1 << 20
@@ -64,11 +64,11 @@ class FakeKernel:
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeKernel, Path, Path]]:
     # The C data plane issues its ioctls itself, past this fake seam; treating
     # the containers as Python-driven backends sends every MAP/UNMAP through
-    # _kernel (the path custom backends take), which is what these pin.  The
+    # the kernel seam (the path custom backends take), which is what these pin.  The
     # C path is proven against the real kernel in tests/test_vfio_relay.py.
-    import hostrelay.relay as relay_module
+    import hostrelay.dataplane.handle as relay_module
 
-    monkeypatch.setattr(relay_module, "_is_native", lambda b: False)
+    monkeypatch.setattr(relay_module, "is_native", lambda b: False)
     kern = FakeKernel()
     dev = tmp_path / "dev"
     sysfs = tmp_path / "sys"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay.protocol import AttachRequest, MapFlag, MapRequest, Status, UnmapRequest
+from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, Status, UnmapRequest
 
 EP = 0x28
 RW = int(MapFlag.READ | MapFlag.WRITE)
@@ -20,8 +20,10 @@ GPA = {SQ: 0x40000, CQ: 0x41000, DATA: 0x80000}
 @pytest.fixture
 def nvme_bdf() -> str:
     from hostrelay.drivers.nvme import CLASS_NVME
-    from hostrelay.sysfs import bind_vfio, find_pci, wait_for_vfio_node
-    from hostrelay.vfio import group_of
+    from hostrelay.host.sysfs import find_pci
+    from hostrelay.host.binding import bind_vfio
+    from hostrelay.host.udev import wait_for_vfio_node
+    from hostrelay.kernel.vfio import group_of
 
     found = find_pci(0x1B36, 0x0010, class_prefix=CLASS_NVME >> 8)
     if not found:

@@ -1,4 +1,4 @@
-"""The relay against the real kernel: guest MAP/UNMAP become VFIO mappings (issue 4).
+"""The relay against the real kernel: guest MAP/UNMAP become VFIO mappings.
 
 Runs inside the testbed (Linux 6.12, emulated intel-iommu, QEMU ``edu``
 devices as DMA engines).  Every request goes through ``Relay.handle_request``
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from hostrelay import GuestMemory, Relay
-from hostrelay._kernel import Op, inject_failure
-from hostrelay.protocol import (
+from hostrelay.kernel.ioctl import Op, inject_failure
+from hostrelay.model.wire import (
     TAIL_SIZE,
     AttachFlag,
     AttachRequest,
@@ -301,9 +301,9 @@ def test_dma_entry_limit_map_n_plus_1_is_nomem_and_table_equals_kernel(make_rela
 _MEMLOCK_CHILD = r'''
 import ctypes, json, resource, sys
 from hostrelay import GuestMemory, Relay
-from hostrelay.protocol import AttachRequest, MapRequest, Status, TAIL_SIZE
-from hostrelay.errors import VfioResourceLimit
-from hostrelay.vfio_backend import has_cap_ipc_lock, locked_bytes
+from hostrelay.model.wire import AttachRequest, MapRequest, Status, TAIL_SIZE
+from hostrelay.kernel.errors import VfioResourceLimit
+from hostrelay.backends.type1 import has_cap_ipc_lock, locked_bytes
 from exhaustion_child import drop_cap_ipc_lock  # tests/ is on PYTHONPATH
 
 drop_cap_ipc_lock()

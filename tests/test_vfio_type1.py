@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from hostrelay import _kernel
-from hostrelay.errors import VfioInvalidArgument, VfioMappingExists, VfioResourceLimit
-from hostrelay.vfio import Container, Group
+from hostrelay.kernel import ioctl as _kernel
+from hostrelay.kernel.errors import VfioInvalidArgument, VfioMappingExists, VfioResourceLimit
+from hostrelay.kernel.vfio import Container, Group
 
 PAGE = 0x1000
 BASE = 0x100000

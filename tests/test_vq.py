@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostrelay._native import ffi, lib
-from hostrelay.memory import GuestMemory
-from hostrelay.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue
+from hostrelay.backends.memory import GuestMemory
+from hostrelay.drivers.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DriverQueue
 
 RAM = 4 << 20
 QSIZE = 16

@@ -14,7 +14,7 @@ the reason, except under ``CI=true`` or ``HOSTRELAY_REQUIRE_VFIO=1``, where
 that is a failure: CI must run them.
 
 Marker: ``@pytest.mark.vfio(iommu=("intel", "virtio"), edu=1, nvme=0,
-bridged_edu=0, hotplug_ports=0, kernel_args=(...))`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
+bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False)`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
 argument and is parametrized over them.
 """
 
@@ -55,18 +55,21 @@ class GroupKey:
     bridged_edu: int
     hotplug_ports: int
     kernel_args: tuple[str, ...]
+    icount: bool = False
 
     def describe(self) -> str:
         extra = f" --bridged-edu {self.bridged_edu}" if self.bridged_edu else ""
         extra += f" --hotplug-ports {self.hotplug_ports}" if self.hotplug_ports else ""
         extra += "".join(f" --kernel-arg {a}" for a in self.kernel_args)
+        extra += " --icount" if self.icount else ""
         return f"--iommu {self.iommu} --edu {self.edu} --nvme {self.nvme}{extra}"
 
     def testbed_config(self) -> Any:
         from hostrelay.testbed import TestbedConfig
 
         return TestbedConfig(iommu=self.iommu, edu=self.edu, nvme=self.nvme, bridged_edu=self.bridged_edu,
-                             hotplug_ports=self.hotplug_ports, kernel_args=self.kernel_args)  # fmt: skip
+                             hotplug_ports=self.hotplug_ports, kernel_args=self.kernel_args,
+                             icount=self.icount)  # fmt: skip
 
 
 def _marker_iommus(marker: pytest.Mark) -> tuple[str, ...]:
@@ -88,7 +91,7 @@ def group_key(item: pytest.Item) -> GroupKey:
         args = tuple(sorted(set(args) | {"vfio_iommu_type1.allow_unsafe_interrupts=1"}))
     kw = marker.kwargs
     return GroupKey(iommu, int(kw.get("edu", 1)), int(kw.get("nvme", 0)), int(kw.get("bridged_edu", 0)),
-                    int(kw.get("hotplug_ports", 0)), tuple(sorted(args)))  # fmt: skip
+                    int(kw.get("hotplug_ports", 0)), tuple(sorted(args)), bool(kw.get("icount", False)))  # fmt: skip
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

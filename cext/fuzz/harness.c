@@ -191,7 +191,8 @@ void fz_world_init(struct fz_world *w, uint32_t ncont, uint32_t entry_limit, uin
 	w->relay = hr_relay_new();
 	FZ_ASSERT(w->relay && hr_relay_set_memory(w->relay, regions, 3) == 0);
 	/* 4 KiB granule, the whole input range, domains 1..8, all MAP flags,
-	 * at most 512 mappings a domain, replies up to 64 KiB (as relay.py). */
+	 * at most 512 mappings a domain, replies up to 64 KiB (MAX_WRITABLE in
+	 * hostrelay.model.config). */
 	hr_relay_configure(w->relay, 0x1000, 0, UINT64_MAX, 1, 8, 7, 512, 64 << 10);
 	hr_relay_set_memlock(w->relay, memlock, 0);
 	for (uint32_t id = 1; id <= 4; id++) {

@@ -1,11 +1,12 @@
 /* hostrelay fuzz targets: the world they share.
  *
- * The targets link the project's own data plane (hr_relay.c, hr_vq.c,
- * hr_table.c) against fake_vfio.c instead of hr_vfio.c: a model of type1v2
- * containers (Linux 6.12 vfio_iommu_type1 semantics for MAP_DMA/UNMAP_DMA)
- * whose calls fail when the input says so.  The guest is three RAM regions:
- * two adjacent in guest-physical space but apart in the host (so one MAP can
- * be two pieces), and one beyond a hole.
+ * The targets link the project's own data plane (run.py's PROJECT_C: the
+ * relay's files, hr_vq.c, hr_table.c) against the fake kernel in harness.c
+ * instead of hr_vfio.c: a model of type1v2 containers (Linux 6.12
+ * vfio_iommu_type1 semantics for MAP_DMA/UNMAP_DMA) whose calls fail when
+ * the input says so.  The guest is three RAM regions: two adjacent in
+ * guest-physical space but apart in the host (so one MAP can be two
+ * pieces), and one beyond a hole.
  */
 #ifndef HR_FUZZ_HARNESS_H
 #define HR_FUZZ_HARNESS_H
@@ -18,7 +19,7 @@
 #define FZ_NCONT 4
 #define FZ_REGION 0x10000u /* each RAM region: 64 KiB */
 
-/* ---- the fake kernel (fake_vfio.c) */
+/* ---- the fake kernel (harness.c) */
 
 /* Container fds are FZ_FD0 .. FZ_FD0 + FZ_NCONT - 1. */
 #define FZ_FD0 100

@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from hostrelay.protocol import (  # noqa: E402  (the repository's own codec, not an installed one)
+from hostrelay.model.wire import (  # noqa: E402  (the repository's own codec, not an installed one)
     AttachRequest,
     DetachRequest,
     MapRequest,

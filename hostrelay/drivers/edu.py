@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from hostrelay.vfio import Device
+from hostrelay.kernel.vfio import Device
 
 __all__ = ["Edu", "EduTimeout", "VENDOR_ID", "DEVICE_ID", "MAX_TRANSFER", "DMA_LIMIT"]
 

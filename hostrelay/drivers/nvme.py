@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hostrelay.vfio import Device
+from hostrelay.kernel.vfio import Device
 
 __all__ = ["AdminQueues", "IdentifyController", "Nvme", "NvmeError", "CLASS_NVME"]
 

@@ -65,6 +65,10 @@ class TestbedConfig:
     cpus: int = 1
     kernel: Path | None = None
     modules: Path | None = None
+    # QEMU's instruction counter: the guest clock advances 1 ns per guest
+    # instruction, so what the guest times repeats from boot to boot instead
+    # of following the host's load (see _qemu_args).
+    icount: bool = False
     extra_qemu_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -124,6 +128,21 @@ def _qemu_args(config: TestbedConfig, vmlinuz: Path, initrd: Path, run_dir: Path
     # cross-modifying-code race above.
     accel = "tcg" if config.cpus == 1 else "tcg,thread=single"
     args = ["-accel", accel, "-m", str(config.memory_mb), "-smp", str(config.cpus)]
+    if config.icount:
+        # QEMU 7.2 -icount: shift=0 is one guest instruction per ns of virtual
+        # time; sleep=off makes an idle vCPU jump straight to the next timer
+        # deadline, where the default sleep=on lets virtual time run with the
+        # host clock while idle.  So what a computing guest (a benchmark loop)
+        # times repeats from boot to boot whatever the host's load: to 0.01 us
+        # per pair in tests/bench_vfio.py, though not bit for bit, as events
+        # from the host side (I/O completions) need not land on the same
+        # guest instruction each boot.
+        # icount needs single-threaded TCG: QEMU 7.2 refuses
+        # "-accel tcg,thread=multi" with it ("No MTTCG when icount is
+        # enabled"), and given plain "tcg" it switches by itself from one
+        # thread per vCPU to one round-robin thread for all of them.  So both
+        # accel values above work, with any -smp, and need no change.
+        args += ["-icount", "shift=0,sleep=off"]
     args += ["-nographic", "-no-reboot", "-vga", "none", "-nodefaults", "-serial", f"file:{run_dir / 'console.log'}"]
     if config.iommu == "intel":
         # intremap=on: VFIO type1 refuses groups without interrupt remapping

@@ -13,53 +13,18 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 from hostrelay._native import ffi, lib
+from hostrelay.model.mapping import Mapping, OverlapError, StraddleError, TableError, TranslateError
+
+__all__ = ["Mapping", "MappingTable", "OverlapError", "StraddleError", "TableError", "TranslateError"]
 
 U64_MAX = (1 << 64) - 1
 
 # How many mappings one hr_table_dump() call copies out: big enough that
 # iterating 64 Ki mappings costs a few dozen Python->C transitions.
 _DUMP_BATCH = 1024
-
-
-class Mapping(NamedTuple):
-    """One mapping: IOVAs ``[start, end]`` (inclusive) -> GPA ``phys``."""
-
-    start: int
-    end: int
-    phys: int
-    flags: int
-
-    @property
-    def size(self) -> int:
-        """Length in bytes (may be 2**64 for the whole address space)."""
-        return self.end - self.start + 1
-
-
-class TableError(Exception):
-    """Base class of mapping-table refusals; the table is unchanged."""
-
-
-class OverlapError(TableError):
-    """An insert intersects a live mapping (5.13.6.5: MAP → INVAL)."""
-
-
-class StraddleError(TableError):
-    """A range removal would split a mapping (5.13.6.6: UNMAP → RANGE)."""
-
-
-class TranslateError(TableError):
-    """A span cannot be translated; ``address`` is the first IOVA that failed.
-
-    ``kind`` is ``"unmapped"``, ``"permission"`` or ``"discontiguous"``.
-    """
-
-    def __init__(self, kind: str, address: int) -> None:
-        super().__init__(f"{kind} at {address:#x}")
-        self.kind = kind
-        self.address = address
 
 
 _TRANSLATE_KIND = {

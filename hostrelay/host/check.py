@@ -12,7 +12,7 @@ import resource
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hostrelay.sysfs import Host
+from hostrelay.host.sysfs import Host
 
 __all__ = ["Finding", "parse_size", "readiness", "ready"]
 

@@ -1,6 +1,6 @@
 """Device discovery: PCI functions, IOMMU groups, what the host is using.
 
-Pure reads over a :class:`~hostrelay.sysfs.Host`; nothing here writes.
+Pure reads over a :class:`~hostrelay.host.sysfs.Host`; nothing here writes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostrelay.sysfs import Host
+from hostrelay.host.sysfs import Host
 
 __all__ = [
     "GroupInfo",

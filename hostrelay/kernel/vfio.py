@@ -6,8 +6,8 @@ unit of isolation and joins exactly one container; a :class:`Device` is an fd
 for one function of a group.  Close order is always devices, then groups, then
 the container: closing a container closes what it holds.
 
-All kernel calls go through :mod:`hostrelay._kernel`; errors are the typed
-:class:`~hostrelay.errors.VfioError` subclasses.
+All kernel calls go through :mod:`hostrelay.kernel.ioctl`; errors are the typed
+:class:`~hostrelay.kernel.errors.VfioError` subclasses.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from hostrelay import _kernel as k
-from hostrelay.errors import VfioError, vfio_error
+from hostrelay.kernel import ioctl as k
+from hostrelay.kernel.errors import VfioError, vfio_error
 
 __all__ = ["Container", "Device", "Group", "IommuInfo", "IovaRange", "RegionInfo", "group_of"]
 
@@ -224,8 +224,8 @@ class Container:
         """Map ``size`` bytes of host memory at ``vaddr`` to ``iova`` (pins the pages).
 
         ``read``/``write`` are from the device's point of view.  Raises
-        :class:`~hostrelay.errors.VfioMappingExists` on overlap (type1 never
-        merges), :class:`~hostrelay.errors.VfioResourceLimit` past
+        :class:`~hostrelay.kernel.errors.VfioMappingExists` on overlap (type1 never
+        merges), :class:`~hostrelay.kernel.errors.VfioResourceLimit` past
         ``dma_entry_limit`` or RLIMIT_MEMLOCK, ``VfioInvalidArgument`` when
         misaligned or outside the usable ranges.
         """

@@ -25,10 +25,11 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from hostrelay.devices import group_open_by, saved_state, usage
-from hostrelay.sysfs import Host, SysfsWrite
+from hostrelay.host.devices import group_open_by, saved_state, usage
+from hostrelay.host.sysfs import Host, SysfsWrite
 
 __all__ = ["BindError", "BindResult", "bind", "plan_bind", "plan_unbind", "result_text", "unbind"]
 
@@ -176,7 +177,7 @@ def bind(addresses: Sequence[str], host: Host | None = None, *, whole_group: boo
     Returns when every function is on vfio-pci and its ``/dev/vfio/<N>`` is
     ready; raises :class:`BindError` (after rolling back) otherwise.
     """
-    from hostrelay.udev import VfioNodeWaiter
+    from hostrelay.host.udev import VfioNodeWaiter
 
     host = host or Host()
     steps = plan_bind(addresses, host, whole_group=whole_group, force=force, allow_partial_group=allow_partial_group)
@@ -291,3 +292,16 @@ def result_text(result: BindResult) -> list[str]:
         else:
             lines.append(f"{d['address']}: {d['from'] or 'no driver'} -> {d.get('to') or 'no driver'}")
     return lines
+
+
+def bind_vfio(bdf: str, *, sysfs_root: Path = Path("/sys")) -> None:
+    """Hand ``bdf`` to vfio-pci (group-unaware; tests and examples).
+
+    Uses the same sequence as ``hostrelay bind`` (driver_override, unbind,
+    drivers_probe, verify) but does not save state, refuse busy devices or
+    insist on binding whole groups.  Raises :class:`OSError` when it fails.
+    """
+    try:
+        bind([bdf], Host(sys=sysfs_root), force=True, save_state=False, wait_node=False, allow_partial_group=True)
+    except BindError as exc:
+        raise OSError(f"{bdf}: {exc}") from exc

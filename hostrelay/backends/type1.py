@@ -5,11 +5,11 @@ endpoint of one host IOMMU group.  The group sits in its own container for its
 whole life because ``VFIO_GROUP_UNSET_CONTAINER`` fails with EBUSY while a
 device fd is open (Linux >= 3.6 ``vfio_group_unset_container``) and a VMM
 keeps its device fds open; a guest domain therefore fans each MAP/UNMAP out to
-the containers of its endpoints (``shared/notes/design.md``).
+the containers of its endpoints (:mod:`hostrelay.backends.fanout`).
 
-What the backend adds over :class:`~hostrelay.vfio.Container`:
+What the backend adds over :class:`~hostrelay.kernel.vfio.Container`:
 
-- GPA → host VA through :class:`~hostrelay.memory.GuestMemory`: one guest
+- GPA → host VA through :class:`~hostrelay.backends.memory.GuestMemory`: one guest
   mapping becomes one ``VFIO_IOMMU_MAP_DMA`` per region piece, exactly its
   range (no power-of-two splitting); a GPA that is not guest RAM is refused.
 - Limits checked *before* the ioctl, so a refusal leaves nothing half-done:
@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from hostrelay._native import ffi, lib
-from hostrelay._table import Mapping
-from hostrelay.errors import VfioError
-from hostrelay.memory import GuestMemory
-from hostrelay.protocol import MapFlag
-from hostrelay.status import DeviceFailure, InvalidRequest, NoResources
-from hostrelay.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Container, Device, Group, IommuInfo, close_all
+from hostrelay.model.mapping import Mapping
+from hostrelay.kernel.errors import VfioError
+from hostrelay.backends.memory import GuestMemory
+from hostrelay.model.wire import MapFlag
+from hostrelay.model.status import InvalidRequest, NoResources, UnmapMismatch
+from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Container, Device, Group, IommuInfo, close_all
 
 __all__ = [
     "CAP_IPC_LOCK",
@@ -177,15 +177,6 @@ def read_reserved_regions(group_id: int, sysfs_root: Path = DEFAULT_SYSFS_ROOT) 
 
 
 # --- the backend ---------------------------------------------------------------
-
-
-class UnmapMismatch(DeviceFailure):
-    """The kernel unmapped a different number of bytes than the table expected.
-
-    The kernel's range is empty afterwards (type1v2 removes every mapping fully
-    inside it), so the relay removes the mappings from its table as well and
-    reports the error: both converge on "unmapped".
-    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 hostrelay is the *device*; this is what a guest driver (or a VMM's test
 harness) does on the other side of the ring: lay out the descriptor table and
-the available/used rings in :class:`~hostrelay.memory.GuestMemory`, put
+the available/used rings in :class:`~hostrelay.backends.memory.GuestMemory`, put
 request buffers in guest RAM, publish chains, and read completions.  Tests and
 examples use it to feed :meth:`hostrelay.relay.Relay.process_queue` exactly as
 a guest would; it also builds malformed chains on purpose.
@@ -15,7 +15,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hostrelay.memory import GuestMemory
+from hostrelay.backends.memory import GuestMemory
 
 __all__ = ["DESC_F_INDIRECT", "DESC_F_NEXT", "DESC_F_WRITE", "DriverQueue", "Used"]
 

@@ -2,7 +2,7 @@
 
 Nothing else in hostrelay calls ``hostrelay._native.lib.hr_vfio_*``.  Each
 function here does one ioctl (or ``close``) and turns a negative return
-(``-errno``, preserved by the C side) into the typed :mod:`hostrelay.errors`
+(``-errno``, preserved by the C side) into the typed :mod:`hostrelay.kernel.errors`
 exception.  A stateful fake for unit tests only needs to replace this module's
 functions.
 
@@ -10,7 +10,7 @@ Test hook: :func:`inject_failure` makes one chosen wrapper call fail with a
 chosen errno without reaching the kernel, and :func:`counting` /
 :func:`call_counts` count the calls per :class:`Op`.  Both act in C, under the
 Python functions here *and* under the C data plane's own MAP/UNMAP ioctls
-(cext/hr_relay.c), so a test can fail any kernel call the relay makes.
+(cext/hr_fanout.c), so a test can fail any kernel call the relay makes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from hostrelay._native import ffi, lib
-from hostrelay.errors import vfio_error
+from hostrelay.kernel.errors import vfio_error
 
 __all__ = [
     "Injection",

@@ -6,10 +6,11 @@ directory goes through a :class:`Host`, so tests can point it at a fake tree
 ``os.open``/``os.write`` so the kernel's errno surfaces on the write itself
 (buffered ``open().write()`` reports sysfs errors only at ``close()``).
 
-The module-level helpers at the bottom (:func:`find_pci`, :func:`driver_of`,
-:func:`bind_vfio`, :func:`wait_for_vfio_node`) are the original minimal API and
-keep their signatures; they now delegate to :mod:`hostrelay.binding` and
-:mod:`hostrelay.udev`.
+The module-level helpers at the bottom (:func:`find_pci`, :func:`driver_of`)
+are the minimal API of tests and examples.  The conveniences built on higher
+modules live with those modules, so this one imports nothing of hostrelay:
+:func:`hostrelay.host.binding.bind_vfio` and
+:func:`hostrelay.host.udev.wait_for_vfio_node`.
 """
 
 from __future__ import annotations
@@ -200,27 +201,3 @@ def find_pci(vendor: int, device: int | None = None, *, sysfs_root: Path = Path(
 def driver_of(bdf: str, *, sysfs_root: Path = Path("/sys")) -> str | None:
     """The name of the driver bound to ``bdf``, or ``None``."""
     return Host(sys=sysfs_root).driver(bdf)
-
-
-def wait_for_vfio_node(group: int, *, dev_root: Path = Path("/dev/vfio"), timeout: float = 10.0) -> Path:
-    """Return ``<dev_root>/<group>`` once it exists (udev/kernel event with a deadline)."""
-    from hostrelay.udev import VfioNodeWaiter
-
-    host = Host(dev=dev_root.parent)
-    with VfioNodeWaiter(host) as waiter:
-        return waiter.wait(group, timeout=timeout)
-
-
-def bind_vfio(bdf: str, *, sysfs_root: Path = Path("/sys")) -> None:
-    """Hand ``bdf`` to vfio-pci (group-unaware; tests and examples).
-
-    Uses the same sequence as ``hostrelay bind`` (driver_override, unbind,
-    drivers_probe, verify) but does not save state, refuse busy devices or
-    insist on binding whole groups.  Raises :class:`OSError` when it fails.
-    """
-    from hostrelay.binding import BindError, bind
-
-    try:
-        bind([bdf], Host(sys=sysfs_root), force=True, save_state=False, wait_node=False, allow_partial_group=True)
-    except BindError as exc:
-        raise OSError(f"{bdf}: {exc}") from exc

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from hostrelay.sysfs import Host
+from hostrelay.host.sysfs import Host
 
 __all__ = [
     "DeviceEvent",
@@ -206,7 +206,7 @@ def _match_for(selector: str) -> str:
     if len(parts) == 2 and all(len(p) == 4 for p in parts):
         vendor, device = (int(p, 16) for p in parts)
         return f'ATTR{{vendor}}=="0x{vendor:04x}", ATTR{{device}}=="0x{device:04x}"'
-    from hostrelay.devices import normalize_address
+    from hostrelay.host.devices import normalize_address
 
     return f'KERNEL=="{normalize_address(selector)}"'
 
@@ -238,3 +238,10 @@ def rules_text(group: str | None, selectors: Sequence[str], mode: str = "0660") 
     if selectors:
         parts.append(bind_rule(selectors))
     return "\n".join(parts)
+
+
+def wait_for_vfio_node(group: int, *, dev_root: Path = Path("/dev/vfio"), timeout: float = 10.0) -> Path:
+    """Return ``<dev_root>/<group>`` once it exists (udev/kernel event with a deadline)."""
+    host = Host(dev=dev_root.parent)
+    with VfioNodeWaiter(host) as waiter:
+        return waiter.wait(group, timeout=timeout)

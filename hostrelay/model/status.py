@@ -5,16 +5,21 @@ Every layer below the relay reports a refusal by raising; only
 so the mapping from failure to status is written down exactly once.
 
 Spec references are to the OASIS virtio v1.2+ "IOMMU Device" section (5.13)
-and to the requirement numbers D-xx of ``shared/research/virtio_iommu.md``.
+and to the requirement numbers D-xx of ``docs/requirements.md``.
+
+A kernel error is an ``OSError`` whose errno decides the status; that errno
+table lives in the C data plane (``hr_status_for_errno``), because MAP/UNMAP
+must answer the same whichever door a request came through, and the device
+model imports no C.  :func:`status_for` therefore takes it as an argument
+(:func:`hostrelay.dataplane.handle.status_for` passes it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
-from hostrelay._native import lib
-from hostrelay._table import OverlapError, StraddleError
-from hostrelay.memory import GuestAddressError
-from hostrelay.protocol import FaultReason, Status
+from hostrelay.model.mapping import OverlapError, StraddleError
+from hostrelay.model.wire import FaultReason, Status
 
 
 class RelayError(Exception):
@@ -47,6 +52,15 @@ class BadAddress(RelayError):
 
 class DeviceFailure(RelayError):
     """The device or a backend failed internally."""
+
+
+class UnmapMismatch(DeviceFailure):
+    """The kernel unmapped a different number of bytes than the table expected.
+
+    The kernel's range is empty afterwards (type1v2 removes every mapping fully
+    inside it, Linux >= 3.x), so the relay removes the mappings from its table as well and
+    reports the error: both converge on "unmapped".
+    """
 
 
 class TranslationFault(RelayError):
@@ -84,20 +98,21 @@ STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
     # range" → INVAL (D-24); 5.13.6.6 "would split the mapping" → RANGE (D-32).
     (OverlapError, Status.INVAL),
     (StraddleError, Status.RANGE),
-    (GuestAddressError, Status.FAULT),
     (MemoryError, Status.NOMEM),
 )
 
 
-def status_for(exc: BaseException) -> Status:
+def status_for(exc: BaseException, errno_status: Callable[[int], int] | None = None) -> Status:
     """The status a failed request reports for ``exc``.
 
-    Anything not listed (a bug, an unexpected backend error) is an internal
-    device error (DEVERR), so no exception ever escapes as a crash.
+    An ``OSError`` with an errno gets ``errno_status(errno)`` (the data
+    plane's errno table).  Anything not listed (a bug, an unexpected backend
+    error) is an internal device error (DEVERR), so no exception ever escapes
+    as a crash.
     """
     for cls, status in STATUS_TABLE:
         if isinstance(exc, cls):
             return status
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return Status(lib.hr_status_for_errno(exc.errno))
+    if isinstance(exc, OSError) and exc.errno is not None and errno_status is not None:
+        return Status(errno_status(exc.errno))
     return Status.DEVERR

@@ -1,7 +1,7 @@
 """Guest memory: guest-physical address (GPA) → host virtual address (HVA).
 
 The relay needs host addresses for two things: emulated devices read and
-write guest RAM through translated GPAs, and (issue 4) ``VFIO_IOMMU_MAP_DMA``
+write guest RAM through translated GPAs, and ``VFIO_IOMMU_MAP_DMA``
 takes a process virtual address.  Guest RAM is therefore either mapped into
 this process from a file descriptor (a memfd shared with the VMM, or one this
 class creates) or described by an address the embedding VMM already mapped.
@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from hostrelay.model.status import BadAddress
+
 U64_MAX = (1 << 64) - 1
 
 
-class GuestAddressError(ValueError):
+class GuestAddressError(BadAddress, ValueError):
     """A GPA span that is not entirely guest RAM."""
 
     def __init__(self, gpa: int, size: int, missing: int) -> None:

@@ -1,0 +1,169 @@
+/* hostrelay: the request virtqueue served in C (hr_relay_process).
+ *
+ * The hot path of the whole relay: a burst of plain MAP/UNMAP is walked,
+ * decoded (hr_frame.c), carried out (hr_fanout.c) and completed in one call
+ * from Python, and the used index published once.  Anything the walk does
+ * not serve itself (another request type, a deferred domain) is handed to
+ * the caller in struct hr_queue.  Apart from the single-request door because
+ * its phases, ordering and give-back rules are the ring's, not a request's.
+ */
+#include "hr_relay_int.h"
+
+#include <pthread.h>
+
+/* Write len bytes of reply into the chain's writable part and complete it. */
+void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply, uint64_t len)
+{
+	hr_chain_write(c, reply, len);
+	hr_vq_push(vq, c->head, (uint32_t)len);
+}
+
+/* Hand a two-descriptor request the fast path took to the caller, in the
+ * same form hr_vq_pop gives. */
+static void pair_to_chain(const struct hr_pair *p, struct hr_chain *c)
+{
+	c->head = p->head;
+	c->nread = c->nwrite = 1;
+	c->rd[0] = (struct hr_seg){ (uint64_t)(uintptr_t)p->rd, p->rlen };
+	c->wr[0] = (struct hr_seg){ (uint64_t)(uintptr_t)p->wr, p->wlen };
+	c->read_len = p->rlen;
+	c->write_len = p->wlen;
+}
+
+static int process_exit(struct hr_queue *q, int code, uint32_t completed, uint32_t nerrs)
+{
+	hr_vq_publish(&q->vq);
+	q->nerrs = nerrs;
+	return code | (nerrs ? HR_PROCESS_ERRORS : 0) | (int)(completed << HR_PROCESS_SHIFT);
+}
+
+int hr_relay_process_locked(hr_relay *r, struct hr_queue *q)
+{
+	pthread_mutex_lock(&r->lock);
+	int rc = hr_relay_process(r, q);
+	if (!(rc & (HR_PROCESS_CODE | HR_PROCESS_ERRORS)))
+		pthread_mutex_unlock(&r->lock);
+	return rc; /* otherwise still locked: the caller finishes, then unlocks */
+}
+
+/* Requests decoded ahead of carrying them out (hr_relay_process). */
+#define HR_BURST 64
+
+/* flatten: the whole request path (decode, checks, table, ioctl wrappers)
+ * inlined into one function.  Measured under TCG, where every return is an
+ * indirect jump the emulator has to look up, this is worth more than the
+ * instructions it saves. */
+__attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
+{
+	/* The hot path of the whole relay, in bursts of three phases: decode
+	 * every available plain MAP/UNMAP, carry them out in order, then write
+	 * their tails and used elements.  The ring's pages are touched in two
+	 * tight passes rather than between ioctls, and the used index is
+	 * published once per call (§2.7.8 allows it).  A request the driver
+	 * made available is read once: the driver may not change it until it is
+	 * used (virtio 1.2 "Supplying Buffers to The Device"). */
+	struct hr_vq *vq = &q->vq;
+	struct hr_req burst[HR_BURST];
+	struct hr_pair pairs[HR_BURST];
+	uint8_t status[HR_BURST];
+	uint8_t buf[64], tail[4];
+	struct hr_result res;
+	uint32_t completed = 0, nerrs = 0;
+	uint16_t avail_idx = vq->last_avail;
+	static const struct hr_gmem_region none; /* size 0: the first lookup searches */
+	const struct hr_gmem_region *hot = &none;
+	int why;
+
+	q->nerrs = 0;
+	if (!vq->ready)
+		return HR_PROCESS_IDLE;
+	if (vq->broken)
+		return HR_PROCESS_BROKEN;
+	for (;;) {
+		if (vq->last_avail == avail_idx) {
+			avail_idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+			if (vq->last_avail == avail_idx)
+				return process_exit(q, HR_PROCESS_IDLE, completed, nerrs);
+			if (!hr_vq_avail_ok(vq, avail_idx))
+				return process_exit(q, HR_PROCESS_BROKEN, completed, nerrs);
+		}
+		if (nerrs == HR_QUEUE_ERRS)
+			return process_exit(q, HR_PROCESS_FULL, completed, nerrs);
+
+		/* 1: decode.  A chain of another shape or a request of another
+		 * kind ends the burst and is given back untouched. */
+		uint32_t n = 0, done;
+		while (n < HR_BURST && vq->last_avail != avail_idx &&
+		       hr_vq_take_pair(vq, &pairs[n], HR_MAP_REQ_SIZE, &hot)) {
+			if (!hr_parse_plain(pairs[n].rd, pairs[n].rlen, pairs[n].wlen, &burst[n])) {
+				vq->last_avail--;
+				break;
+			}
+			n++;
+		}
+		/* 2: carry out, in order. */
+		int deferred = 0;
+		for (done = 0; done < n && nerrs < HR_QUEUE_ERRS; done++) {
+			int st = hr_execute(r, &burst[done], &res);
+			if (st == HR_S_DEFER) {
+				deferred = 1; /* nothing was changed: the caller's */
+				break;
+			}
+			status[done] = (uint8_t)st;
+			if (res.reason == HR_R_KERNEL || res.reason == HR_R_MISMATCH)
+				q->errs[nerrs++] = res;
+		}
+		/* 3: complete.  The tail is the status and three zero bytes. */
+		for (uint32_t i = 0; i < done; i++) {
+			uint32_t t = status[i]; /* little-endian host (hr_vq.h) */
+			__builtin_memcpy(pairs[i].wr, &t, 4);
+			hr_vq_put(vq, pairs[i].head, 4);
+		}
+		completed += done;
+		if (done < n) {
+			/* Give back what was decoded but not carried out (the
+			 * taken chains are the last n - done avail slots)... */
+			if (deferred && done == 0) {
+				/* ...but a deferred first one stays taken: it is
+				 * the caller's now. */
+				vq->last_avail -= (uint16_t)(n - 1);
+				pair_to_chain(&pairs[0], &q->chain);
+				return process_exit(q, HR_PROCESS_CALLER, completed, nerrs);
+			}
+			vq->last_avail -= (uint16_t)(n - done);
+			continue;
+		}
+		if (n)
+			continue;
+
+		/* Anything else, one chain at a time. */
+		struct hr_chain *c = &q->chain;
+		int got = hr_vq_pop(vq, c, &why);
+		if (vq->broken)
+			return process_exit(q, HR_PROCESS_BROKEN, completed, nerrs);
+		if (got == 0) {
+			/* The index in guest memory no longer says there is one
+			 * (the driver, or the device's own reply over a ring the
+			 * guest overlapped, rewrote it): read it again. */
+			avail_idx = vq->last_avail;
+			continue;
+		}
+		if (got < 0) {
+			/* Malformed chain: complete it with used length 0. */
+			hr_vq_put(vq, c->head, 0);
+			completed++;
+			continue;
+		}
+		hr_chain_read(c, buf, sizeof(buf));
+		int64_t reply = hr_relay_request(r, buf, c->read_len, c->write_len, tail, &res);
+		if (reply < 0 || res.status == HR_S_DEFER)
+			return process_exit(q, HR_PROCESS_CALLER, completed, nerrs);
+		if (reply > 0)
+			hr_put_reply(c, (uint64_t)reply, tail);
+		hr_vq_put(vq, c->head, (uint32_t)reply);
+		completed++;
+		if (res.reason == HR_R_KERNEL || res.reason == HR_R_MISMATCH)
+			q->errs[nerrs++] = res;
+	}
+}
+

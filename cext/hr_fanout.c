@@ -1,0 +1,230 @@
+/* hostrelay: MAP and UNMAP carried out (§5.13.6.5/§5.13.6.6), once
+ * hr_checks.c has passed them.
+ *
+ * A domain's mappings live in its table and in every VFIO container behind
+ * it (one per group, type1v2); an emulated domain is the case of no
+ * container.  This file keeps them all agreeing whatever the kernel says: a
+ * container refusing part-way is rolled back on the ones already done, and
+ * an UNMAP checks that each container removed the bytes the table says it
+ * held.  Apart from the checks so that the all-or-nothing logic, the part
+ * the fault tests are about, reads on its own.  Kernel behaviour is that of
+ * vfio_iommu_type1 (type1v2) as of Linux 6.12.
+ */
+#include "hr_relay_int.h"
+
+#include <errno.h>
+#include <string.h>
+
+static int kernel_failed(struct hr_result *res, int err, int container)
+{
+	res->err = err;
+	res->container = container;
+	return hr_refuse(res, hr_status_for_errno(err), HR_R_KERNEL);
+}
+
+static int c_map(struct hr_container *c, uint64_t iova, uint64_t size, uint64_t hva, uint32_t vf)
+{
+	return hr_vfio_map_dma(c->fd, vf, hva, iova, size);
+}
+
+/* Map [iova, iova+size) -> guest [gpa, ...) piece by piece into one
+ * container; all or nothing.  Returns 0 or -errno. */
+static int map_pieces(hr_relay *r, struct hr_container *c, uint64_t iova, uint64_t gpa,
+		      uint64_t size, uint32_t vf)
+{
+	uint64_t done = 0, hva;
+
+	while (done < size) {
+		uint64_t len = hr_piece(r, gpa + done, size - done, &hva);
+		int rc = len ? c_map(c, iova + done, len, hva, vf) : -EFAULT;
+		if (rc < 0) {
+			uint64_t unmapped;
+			if (done)
+				hr_vfio_unmap_dma(c->fd, 0, iova, done, &unmapped);
+			return rc;
+		}
+		done += len;
+	}
+	return 0;
+}
+
+/* -------------------------------------------------------------------- MAP */
+
+int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_t ps,
+		 uint32_t flags, struct hr_result *res)
+{
+	struct hr_domain *d = NULL;
+	uint64_t pieces = 0, hva = 0;
+
+	hr_result_init(res, HR_T_MAP, domain, vs, ve);
+	int rc = hr_check_map(r, domain, vs, ve, ps, flags, res, &d, &pieces, &hva);
+	if (rc)
+		return rc;
+	if (d->custom) {
+		if (hr_table_overlaps(d->table, vs, ve))
+			return hr_refuse(res, HR_S_INVAL, HR_R_OVERLAP);
+		return hr_refuse(res, HR_S_DEFER, HR_R_NONE); /* valid: the caller fans out, then inserts */
+	}
+	if (!d->ncont || !hr_has_perm(flags)) {
+		/* Emulated only (or a mapping that grants no access, which VFIO
+		 * cannot express and need not: no access is no mapping). */
+		rc = hr_table_insert(d->table, vs, ve, ps, flags);
+		if (rc == -EEXIST)
+			return hr_refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* D-24 */
+		if (rc < 0)
+			return hr_refuse(res, HR_S_NOMEM, HR_R_LIMIT);
+		return HR_S_OK;
+	}
+	uint64_t size = ve - vs + 1;
+	rc = hr_check_limits(r, d, pieces, size, res);
+	if (rc)
+		return rc;
+	/* Into the table first (its overlap check is the insert's own descent,
+	 * and it refuses before VFIO would say EEXIST half-way); taken out
+	 * again if a container refuses. */
+	rc = hr_table_insert(d->table, vs, ve, ps, flags);
+	if (rc == -EEXIST)
+		return hr_refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* D-24 */
+	if (rc < 0)
+		return hr_refuse(res, HR_S_NOMEM, HR_R_LIMIT);
+	uint32_t vf = hr_dma_flags(flags);
+	for (uint32_t i = 0; i < d->ncont; i++) {
+		/* One piece, the usual case: its host address is already known. */
+		rc = pieces == 1 ? c_map(d->cont[i], vs, size, hva, vf) : map_pieces(r, d->cont[i], vs, ps, size, vf);
+		if (rc < 0) {
+			/* Undo the containers already done: all agree again. */
+			for (uint32_t j = 0; j < i; j++) {
+				uint64_t unmapped;
+				hr_vfio_unmap_dma(d->cont[j]->fd, 0, vs, size, &unmapped);
+			}
+			hr_table_remove_exact(d->table, vs, ve);
+			return kernel_failed(res, -rc, (int32_t)i);
+		}
+	}
+	for (uint32_t i = 0; i < d->ncont; i++)
+		hr_account_map(r, d->cont[i], pieces, size);
+	return HR_S_OK;
+}
+
+/* ------------------------------------------------------------------ UNMAP */
+
+/* What the covered mappings of [vs, ve] are in the containers: total bytes,
+ * VFIO entries, and the extent one unmap ioctl must cover. */
+struct cover {
+	uint64_t bytes, pieces, first, last;
+	int any;
+};
+
+static void covered(hr_relay *r, const hr_table *t, uint64_t vs, uint64_t ve, struct cover *cv)
+{
+	struct hr_mapping m;
+	uint64_t from = vs, hva;
+
+	memset(cv, 0, sizeof(*cv));
+	while (hr_table_next(t, from, &m) && m.start <= ve) {
+		if (hr_in_containers(m.flags)) {
+			if (!cv->any)
+				cv->first = m.start;
+			cv->any = 1;
+			cv->last = m.end;
+			cv->bytes += m.end - m.start + 1;
+			cv->pieces += hr_count_pieces(r, m.phys, m.end - m.start + 1, &hva);
+		}
+		if (m.end == UINT64_MAX)
+			break;
+		from = m.end + 1;
+	}
+}
+
+/* Re-map the covered mappings of [vs, ve] into c (UNMAP rollback). */
+static void remap_covered(hr_relay *r, struct hr_container *c, const hr_table *t, uint64_t vs,
+			  uint64_t ve)
+{
+	struct hr_mapping m;
+	uint64_t from = vs;
+
+	while (hr_table_next(t, from, &m) && m.start <= ve) {
+		if (hr_in_containers(m.flags))
+			map_pieces(r, c, m.start, m.phys, m.end - m.start + 1, hr_dma_flags(m.flags));
+		if (m.end == UINT64_MAX)
+			break;
+		from = m.end + 1;
+	}
+}
+
+int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struct hr_result *res)
+{
+	struct hr_domain *d = NULL;
+
+	hr_result_init(res, HR_T_UNMAP, domain, vs, ve);
+	int rc = hr_check_unmap(r, domain, vs, ve, res, &d);
+	if (rc)
+		return rc;
+	if (!d->ncont && !d->custom) {
+		/* Emulated only: the removal is atomic by itself (RANGE and
+		 * nothing removed on a straddle); an UNMAP naming exactly one
+		 * mapping, the common case, needs no range walk at all. */
+		if (hr_table_remove_exact(d->table, vs, ve))
+			return HR_S_OK;
+		if (hr_table_remove_range(d->table, vs, ve) < 0)
+			return hr_refuse(res, HR_S_RANGE, HR_R_STRADDLE);
+		return HR_S_OK;
+	}
+	struct hr_mapping one;
+	struct cover cv;
+	uint64_t hva;
+	int64_t n;
+	if (!d->custom && hr_table_find_mark(d->table, vs, ve, &one)) {
+		/* One mapping, exactly named: nothing can straddle. */
+		n = 1;
+		memset(&cv, 0, sizeof(cv));
+		if (hr_in_containers(one.flags)) {
+			cv = (struct cover){ .bytes = ve - vs + 1, .first = vs, .last = ve, .any = 1,
+					     .pieces = hr_count_pieces(r, one.phys, ve - vs + 1, &hva) };
+		}
+	} else {
+		/* Atomic: a straddled mapping refuses the whole UNMAP (D-32)
+		 * before any container is touched; holes are fine (D-33). */
+		n = hr_table_check_range(d->table, vs, ve);
+		if (n < 0)
+			return hr_refuse(res, HR_S_RANGE, HR_R_STRADDLE);
+		if (d->custom)
+			return hr_refuse(res, HR_S_DEFER, HR_R_NONE); /* valid: the caller fans out, then removes */
+		if (n > 0)
+			covered(r, d->table, vs, ve, &cv);
+	}
+	int mismatch = 0;
+	if (n > 0 && d->ncont) {
+		for (uint32_t i = 0; cv.any && i < d->ncont; i++) {
+			struct hr_container *c = d->cont[i];
+			uint64_t got = 0;
+			/* One ioctl for the whole run: type1v2 removes every
+			 * vfio_dma inside it and reports the bytes it removed. */
+			rc = hr_vfio_unmap_dma(c->fd, 0, cv.first, cv.last - cv.first + 1, &got);
+			if (rc < 0) {
+				for (uint32_t j = 0; j < i; j++) {
+					remap_covered(r, d->cont[j], d->table, vs, ve);
+					hr_account_map(r, d->cont[j], cv.pieces, cv.bytes);
+				}
+				return kernel_failed(res, -rc, (int32_t)i);
+			}
+			hr_account_unmap(r, c, cv.pieces, cv.bytes);
+			if (got != cv.bytes && !mismatch) {
+				/* The kernel held something else than the table:
+				 * converge on "unmapped" everywhere, then report. */
+				mismatch = 1;
+				res->container = (int32_t)i;
+				res->got = got;
+			}
+		}
+	}
+	if (n == 1 && cv.first == vs && cv.last == ve)
+		hr_table_remove_exact(d->table, vs, ve);
+	else
+		hr_table_remove_range(d->table, vs, ve);
+	if (mismatch) {
+		res->size = ve - vs + 1;
+		return hr_refuse(res, HR_S_DEVERR, HR_R_MISMATCH);
+	}
+	return HR_S_OK;
+}
