@@ -15,7 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The one errno -> status table (Relay's status_for uses it for OSError).
+/* The one errno -> status table (hostrelay.dataplane.handle.status_for
+ * uses it for an OSError).
  * Follows the Linux guest driver's reverse mapping (viommu_get_req_errno)
  * so the guest sees the errno the host saw where one exists. */
 int hr_status_for_errno(int err)

@@ -49,7 +49,7 @@ struct hr_domain {
 struct hr_relay {
 	struct hr_gmem mem;
 	uint64_t granule, input_start, input_end, max_mappings;
-	uint64_t max_writable; /* the longest writable part answered (relay.MAX_WRITABLE) */
+	uint64_t max_writable; /* the longest writable part answered (model.config.MAX_WRITABLE) */
 	uint32_t domain_start, domain_end, map_flags_mask;
 	uint64_t memlock_limit, memlock_baseline, charged;
 	uint32_t ndom, capdom;

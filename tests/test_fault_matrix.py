@@ -8,8 +8,8 @@ every call index and every errno below, rebuilds the relay from nothing,
 makes exactly that call fail at the kernel seam
 (:func:`hostrelay.kernel.ioctl.inject_failure`: the ioctl is not issued) and checks:
 
-- the status is the one :func:`hostrelay.model.status.status_for` (the one
-  errno → status table) names for the errno;
+- the status is the one :func:`hostrelay.dataplane.handle.status_for` (the
+  one errno → status table) names for the errno;
 - a fault event names the endpoint(s) of the container that failed;
 - a refused request left the relay as it was (D-16 moves excepted: there the
   endpoint is left detached, as a DETACH followed by a failed ATTACH);

@@ -9,6 +9,6 @@ endpoints' type1 containers, with replay on attach
 (:mod:`~hostrelay.backends.fanout`).  A second implementation (a domain as
 one kernel address space its devices attach to) goes beside it.
 
-May import: the device model, the data plane (a container's counters live in
-C) and the kernel seam.
+May import: the device model, the kernel seam and the compiled extension
+(a container's counters live in C, in ``struct hr_container``).
 """

@@ -8,8 +8,9 @@ open.  A guest domain is therefore the set of the containers of its
 endpoints' groups (:class:`~hostrelay.backends.type1.VfioBackend`, or a VMM's
 own :class:`~hostrelay.model.ports.Backend`):
 
-- a container joining a domain gets every mapping it already has (replay),
-  and leaves its identity map first;
+- a container joining a domain takes the domain's bypass state (identity
+  map on for a bypass domain, off otherwise), then gets every mapping the
+  domain already has (replay);
 - a container leaving it loses them, then follows config ``bypass``;
 - MAP and UNMAP go to every container of the domain, and a refusal by one is
   undone in those already done.

@@ -1,6 +1,6 @@
 """VFIO-backed endpoints: one type1v2 container per VFIO group.
 
-A :class:`VfioBackend` is the :class:`hostrelay.relay.Backend` of every
+A :class:`VfioBackend` is the :class:`hostrelay.model.ports.Backend` of every
 endpoint of one host IOMMU group.  The group sits in its own container for its
 whole life because ``VFIO_GROUP_UNSET_CONTAINER`` fails with EBUSY while a
 device fd is open (Linux >= 3.6 ``vfio_group_unset_container``) and a VMM

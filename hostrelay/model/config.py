@@ -3,8 +3,8 @@
 :class:`ConfigSpace` holds the ``struct virtio_iommu_config`` fields, the
 features the device offers and the driver accepted, and the one writable
 field, ``bypass``.  The fields derived from the host (``page_size_mask``,
-``input_range``) are set by :class:`~hostrelay.model.reality.HostReality`
-before the driver looks; once it has (first request, feature negotiation or
+``input_range``) are computed by :class:`~hostrelay.model.reality.HostReality`
+and set (:meth:`ConfigSpace.set_host`) before the driver looks; once it has (first request, feature negotiation or
 queue set-up) the config is *frozen* and stays as the driver read it.
 """
 

@@ -37,8 +37,8 @@ class Backend(Protocol):
     object: the relay calls each distinct backend of a domain once per
     request.  Each call either fully succeeds or raises and leaves the
     backend as it was; the relay turns the exception into a status through
-    :func:`hostrelay.model.status.status_for` (an ``OSError`` keeps its
-    errno).  Optional methods a backend may have: ``set_identity(on)`` (guest
+    :func:`hostrelay.dataplane.handle.status_for` (an ``OSError`` keeps
+    its errno).  Optional methods a backend may have: ``set_identity(on)`` (guest
     RAM at IOVA = GPA while its endpoints are in bypass), ``precheck(mapping)
     -> bytes to charge`` (limits before any backend is touched) and ``c`` (a
     ``struct hr_container`` the C data plane fans out to itself).

@@ -102,7 +102,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], Status], ...] = (
 )
 
 
-def status_for(exc: BaseException, errno_status: Callable[[int], int] | None = None) -> Status:
+def status_for(exc: BaseException, errno_status: Callable[[int], int]) -> Status:
     """The status a failed request reports for ``exc``.
 
     An ``OSError`` with an errno gets ``errno_status(errno)`` (the data
@@ -113,6 +113,6 @@ def status_for(exc: BaseException, errno_status: Callable[[int], int] | None = N
     for cls, status in STATUS_TABLE:
         if isinstance(exc, cls):
             return status
-    if isinstance(exc, OSError) and exc.errno is not None and errno_status is not None:
+    if isinstance(exc, OSError) and exc.errno is not None:
         return Status(errno_status(exc.errno))
     return Status.DEVERR

@@ -12,7 +12,7 @@ request leaves every endpoint where it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from hostrelay.model.config import ConfigSpace
 from hostrelay.model.events import FaultLog
@@ -197,15 +197,11 @@ class Topology:
         doms = self.attached_domains(backend)
         self.space.settle(backend, doms[0].bypass if doms else self.config.bypass)
 
-    def bypass_changed(self) -> None:
-        """Config ``bypass`` changed: unattached backends follow it (5.13.6)."""
-        seen: list[Backend] = []
-        for ep in self.endpoints.values():
-            b = ep.backend
-            if b is not None and not any(s is b for s in seen):
-                seen.append(b)
-                if not self.attached_domains(b):
-                    self.settle(b)
+    def bypass_changed(self, backends: Iterable[Backend]) -> None:
+        """Config ``bypass`` changed: those of ``backends`` that are unattached follow it (5.13.6)."""
+        for b in backends:
+            if not self.attached_domains(b):
+                self.settle(b)
 
     # --- DETACH (5.13.6.4); reserved is ignored (D-19) ---------------------------
 
