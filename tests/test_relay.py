@@ -539,3 +539,11 @@ def test_the_ring_transport_goes_through_the_ring(relay: Relay, transport: str) 
     # tests would quietly test handle_request twice.
     assert send(relay, AttachRequest(1, 8)) == Status.OK
     assert hasattr(relay, "_test_ring") == (transport == "ring")
+
+
+def test_reserved_regions_from_a_one_shot_iterable_reach_every_endpoint(memory: GuestMemory) -> None:
+    # The option is read once: a generator's regions must not be used up
+    # before the endpoints get them.
+    r = Relay(memory, reserved_regions=(x for x in [(0x10000, 0x1FFFF)]))
+    r.add_endpoint(8)
+    assert (0x10000, 0x1FFFF) in [(x.start, x.end) for x in r.reserved_regions(8)]
