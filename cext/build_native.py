@@ -11,6 +11,7 @@ one Python->C transition.  Kernel constants and struct layouts are declared with
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from cffi import FFI
@@ -28,6 +29,30 @@ for cdef in _cdefs:
     ffibuilder.cdef(cdef.read_text(), override=False)
 
 _sources = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
+
+# iommufd wrappers (cext/iommufd/) only where the uapi has them: the system's
+# headers or bookworm-backports' linux-libc-dev unpacked by cext/uapi.py.
+# Elsewhere the extension is built without them and hostrelay.kernel.iommufd
+# says so at run time; the type1 backend needs nothing newer than Linux 6.1.
+sys.path.insert(0, str(HERE))
+from uapi import find as _find_uapi  # noqa: E402
+
+_uapi = _find_uapi()
+_include_dirs = [str(HERE)]
+_headers = sorted(HERE.glob("*.cdef"))
+if _uapi is not None:
+    _headers.append(HERE / "iommufd" / "hr_iommufd.cdef")
+    ffibuilder.cdef((HERE / "iommufd" / "hr_iommufd.cdef").read_text(), override=False)
+    _sources.append(str((HERE / "iommufd" / "hr_iommufd.c").relative_to(HERE.parent)))
+    _include_dirs.append(str(HERE / "iommufd"))
+    if _uapi != Path("/usr/include"):
+        # Before the system's headers, so <linux/vfio.h> is the newer one too
+        # (a superset with the same type1 layouts); the arch directory has the
+        # matching <asm/...>.
+        _include_dirs += [str(_uapi), str(_uapi / "x86_64-linux-gnu")]
+    print(f"build_native: iommufd uapi from {_uapi}", file=sys.stderr)
+else:
+    print("build_native: no iommufd uapi (run python3 cext/uapi.py); type1 backend only", file=sys.stderr)
 
 # -fvisibility=hidden + LTO: calls between the C files are direct and can be
 # inlined (hr_relay_process flattens the whole request path into one
@@ -54,9 +79,9 @@ if os.environ.get("HOSTRELAY_SANITIZE") == "1":
 # files' own, its static inline helpers out of the generated code.
 ffibuilder.set_source(
     "hostrelay._native",
-    "\n".join(f'#include "{p.stem}.h"' for p in sorted(HERE.glob("*.cdef"))),
+    "\n".join(f'#include "{p.stem}.h"' for p in _headers),
     sources=_sources,
-    include_dirs=[str(HERE)],
+    include_dirs=_include_dirs,
     extra_compile_args=_compile,
     extra_link_args=_link,
 )

@@ -56,7 +56,7 @@ def test_cli_exit_status_and_second_boot_needs_no_network(monkeypatch: pytest.Mo
     def no_network(*args: object, **kwargs: object) -> str:
         raise AssertionError("apt was called on a cached boot")
 
-    monkeypatch.setattr(kernel._PrivateApt, "run", no_network)
+    monkeypatch.setattr(kernel.PrivateApt, "run", no_network)
     image = kernel.find_kernel("virtio")
     assert image.origin == "host" or image.origin.startswith("debian:")
     proc = subprocess.run(

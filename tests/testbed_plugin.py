@@ -14,7 +14,7 @@ the reason, except under ``CI=true`` or ``HOSTRELAY_REQUIRE_VFIO=1``, where
 that is a failure: CI must run them.
 
 Marker: ``@pytest.mark.vfio(iommu=("intel", "virtio"), edu=1, nvme=0,
-bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False)`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
+bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False, iommufd=False)`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
 argument and is parametrized over them.
 """
 
@@ -56,12 +56,14 @@ class GroupKey:
     hotplug_ports: int
     kernel_args: tuple[str, ...]
     icount: bool = False
+    iommufd: bool = False
 
     def describe(self) -> str:
         extra = f" --bridged-edu {self.bridged_edu}" if self.bridged_edu else ""
         extra += f" --hotplug-ports {self.hotplug_ports}" if self.hotplug_ports else ""
         extra += "".join(f" --kernel-arg {a}" for a in self.kernel_args)
         extra += " --icount" if self.icount else ""
+        extra += " --iommufd" if self.iommufd else ""
         return f"--iommu {self.iommu} --edu {self.edu} --nvme {self.nvme}{extra}"
 
     def testbed_config(self) -> Any:
@@ -69,7 +71,7 @@ class GroupKey:
 
         return TestbedConfig(iommu=self.iommu, edu=self.edu, nvme=self.nvme, bridged_edu=self.bridged_edu,
                              hotplug_ports=self.hotplug_ports, kernel_args=self.kernel_args,
-                             icount=self.icount)  # fmt: skip
+                             icount=self.icount, iommufd=self.iommufd)  # fmt: skip
 
 
 def _marker_iommus(marker: pytest.Mark) -> tuple[str, ...]:
@@ -91,7 +93,8 @@ def group_key(item: pytest.Item) -> GroupKey:
         args = tuple(sorted(set(args) | {"vfio_iommu_type1.allow_unsafe_interrupts=1"}))
     kw = marker.kwargs
     return GroupKey(iommu, int(kw.get("edu", 1)), int(kw.get("nvme", 0)), int(kw.get("bridged_edu", 0)),
-                    int(kw.get("hotplug_ports", 0)), tuple(sorted(args)), bool(kw.get("icount", False)))  # fmt: skip
+                    int(kw.get("hotplug_ports", 0)), tuple(sorted(args)), bool(kw.get("icount", False)),
+                    bool(kw.get("iommufd", False)))  # fmt: skip
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -196,11 +199,18 @@ class TestbedRunner:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"\n[testbed] booting {key.describe()} for {len(nodeids)} VFIO tests", yellow=True)
+        # Progress of what the testbed prepares first (a kernel fetched or,
+        # for --iommufd, built: ~11 min the first time) shows as it happens.
+        def log(line: str) -> None:
+            # The real stderr, flushed: a CI log shows it as it happens,
+            # where the terminal reporter's buffer would hold it back.
+            print(f"[testbed] {line}", file=sys.__stderr__, flush=True)
+
         started = time.monotonic()
         retried = ""
         try:
             try:
-                result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir)
+                result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir, log=log)
             except TestbedBootError as exc:
                 if exc.command_started:
                     raise
@@ -208,7 +218,7 @@ class TestbedRunner:
                 # the emulator, not the code under test.  One more boot, and
                 # the summary says so.
                 retried = f" (second boot; the first died booting: {str(exc).splitlines()[0]})"
-                result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir)
+                result = run(cmd, key.testbed_config(), timeout=GROUP_TIMEOUT, cwd=rootdir, log=log)
         except TestbedSetupError as exc:
             self.errors[key] = f"VFIO test needs the testbed, which cannot start here: {exc}"
             return

@@ -305,9 +305,9 @@ class Group:
 
 
 class Device:
-    """A VFIO device fd: region access and reset."""
+    """A VFIO device fd: region access and reset (``group`` is None for a cdev-opened device)."""
 
-    def __init__(self, group: Group, name: str, fd: int) -> None:
+    def __init__(self, group: Group | None, name: str, fd: int) -> None:
         self.group = group
         self.name = name
         self.fd = fd
@@ -361,7 +361,7 @@ class Device:
     def close(self) -> None:
         """Close the device fd (released even if this raises)."""
         fd, self.fd = self.fd, -1
-        if self in self.group.devices:
+        if self.group is not None and self in self.group.devices:
             self.group.devices.remove(self)
         if fd >= 0:
             k.close(fd, self.name)

@@ -180,7 +180,7 @@ def _kernel_from_tree(root: Path, origin: str) -> KernelImage | None:
     return None
 
 
-def _apt_sources(suite_suffix: str) -> list[str]:
+def apt_sources(suite_suffix: str) -> list[str]:
     """One-line apt sources for ``<codename><suite_suffix>`` on the system's own mirrors.
 
     The mirror URIs come from the system's apt configuration so this works
@@ -215,7 +215,7 @@ def _apt_sources(suite_suffix: str) -> list[str]:
     return [f"deb {u} {codename}{suite_suffix} main" for u in debian]
 
 
-class _PrivateApt:
+class PrivateApt:
     """apt-get with a private sources list and state, so nothing on the host changes."""
 
     def __init__(self, workdir: Path, sources: list[str]) -> None:
@@ -251,7 +251,7 @@ def fetch_debian_kernel(cache: Path | None = None, *, log: Callable[[str], None]
     cache = cache or cache_dir()
     kernels = cache / "kernels"
     kernels.mkdir(parents=True, exist_ok=True)
-    suites = [s for s in (_apt_sources("-backports"), _apt_sources("")) if s]
+    suites = [s for s in (apt_sources("-backports"), apt_sources("")) if s]
     if not suites:
         raise TestbedSetupError(
             "cannot find a Debian mirror in /etc/apt to fetch a kernel from; pass --kernel and --modules"
@@ -263,7 +263,7 @@ def fetch_debian_kernel(cache: Path | None = None, *, log: Callable[[str], None]
         # stable suite's 6.1 kernel, which has no virtio-iommu driver.
         error: TestbedSetupError | None = None
         for sources in suites:
-            apt = _PrivateApt(Path(tmp), sources)
+            apt = PrivateApt(Path(tmp), sources)
             try:
                 apt.run("apt-get", "update")
                 depends = apt.run("apt-cache", "depends", "linux-image-amd64")
@@ -317,9 +317,14 @@ def find_kernel(
     kernel: Path | None = None,
     modules: Path | None = None,
     cache: Path | None = None,
+    iommufd: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> KernelImage:
-    """Pick the kernel for a testbed boot (see the module docstring for the order)."""
+    """Pick the kernel for a testbed boot (see the module docstring for the order).
+
+    ``iommufd`` picks the kernel built with IOMMUFD (:mod:`hostrelay.testbed.build`),
+    building it on first use, unless ``kernel`` is given.
+    """
     wanted = required_modules(iommu)
     if kernel is not None:
         if modules is None:
@@ -329,6 +334,14 @@ def find_kernel(
         if missing:
             raise TestbedSetupError(f"the given kernel lacks {', '.join(missing)}")
         return image
+    if iommufd:
+        from hostrelay.testbed.build import build_iommufd_kernel
+
+        built = build_iommufd_kernel(cache, log=log)
+        missing = built.has_modules(wanted)
+        if missing:
+            raise TestbedSetupError(f"{built.origin} lacks {', '.join(missing)}")
+        return built
     host = _host_kernel()
     if host is not None and not host.has_modules(wanted):
         return host

@@ -69,6 +69,9 @@ class TestbedConfig:
     # instruction, so what the guest times repeats from boot to boot instead
     # of following the host's load (see _qemu_args).
     icount: bool = False
+    # Boot the kernel built with IOMMUFD and VFIO_DEVICE_CDEV (hostrelay.testbed.build),
+    # built on first use; ignored when ``kernel`` is given.
+    iommufd: bool = False
     extra_qemu_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -196,7 +199,7 @@ def run(
     if not cmd:
         raise ValueError("no command given")
     qemu = qemu_binary()
-    kernel = find_kernel(config.iommu, kernel=config.kernel, modules=config.modules, log=log)
+    kernel = find_kernel(config.iommu, kernel=config.kernel, modules=config.modules, iommufd=config.iommufd, log=log)
     initrd = build_initramfs(kernel, config.iommu, required_modules(config.iommu))
     with tempfile.TemporaryDirectory(prefix="hostrelay-testbed-") as tmp:
         run_dir = Path(tmp)
