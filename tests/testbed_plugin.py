@@ -20,6 +20,7 @@ argument and is parametrized over them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -201,10 +202,14 @@ class TestbedRunner:
             reporter.write_line(f"\n[testbed] booting {key.describe()} for {len(nodeids)} VFIO tests", yellow=True)
         # Progress of what the testbed prepares first (a kernel fetched or,
         # for --iommufd, built: ~11 min the first time) shows as it happens.
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+
         def log(line: str) -> None:
-            # The real stderr, flushed: a CI log shows it as it happens,
-            # where the terminal reporter's buffer would hold it back.
-            print(f"[testbed] {line}", file=sys.__stderr__, flush=True)
+            # Past pytest's output capture (the group runs inside a test's
+            # runtest, where fd 2 is captured) and flushed, so a terminal or
+            # a CI log shows it as it happens.
+            with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+                print(f"[testbed] {line}", file=sys.stderr, flush=True)
 
         started = time.monotonic()
         retried = ""
