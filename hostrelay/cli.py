@@ -139,16 +139,31 @@ def _host_options(func: F) -> F:
                      default=Path("/dev"), hidden=True),
         click.option("--proc-root", type=click.Path(path_type=Path), envvar="HOSTRELAY_PROC_ROOT",
                      default=Path("/proc"), hidden=True),
+        click.option("--boot-root", type=click.Path(path_type=Path), envvar="HOSTRELAY_BOOT_ROOT",
+                     default=Path("/boot"), hidden=True),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _host(state_dir: Path, sysfs_root: Path, dev_root: Path, proc_root: Path) -> Any:
+def _host(state_dir: Path, sysfs_root: Path, dev_root: Path, proc_root: Path, boot_root: Path) -> Any:
     from hostrelay.host.sysfs import Host
 
-    return Host(sys=sysfs_root, dev=dev_root, proc=proc_root, state_dir=state_dir)
+    return Host(sys=sysfs_root, dev=dev_root, proc=proc_root, boot=boot_root, state_dir=state_dir)
+
+
+def _build_support() -> Any:
+    """Does this build have iommufd? (Host tooling may not import the kernel seam; the front end asks.)"""
+    from hostrelay.host.check import BuildSupport
+
+    try:
+        from hostrelay.kernel import iommufd
+    except ImportError as exc:  # the extension is not built or does not load
+        return BuildSupport(False, f"its extension does not load ({exc})")
+    if iommufd.AVAILABLE:
+        return BuildSupport(True)
+    return BuildSupport(False, "its extension was built against kernel headers without <linux/iommufd.h>")
 
 
 def _addresses(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
@@ -218,8 +233,8 @@ def devices_cmd(as_json: bool, watch: bool, count: int | None, timeout: float, *
         others = [m for m in f.group_members if m != f.address]
         rows.append([f.address, f"{f.vendor}:{f.device}", f.class_code, f.driver or "-",
                      group + (f" (+{len(others)})" if others else ""), "yes" if f.vfio_ready else "no",
-                     "; ".join(f.in_use) or "-", f.name])  # fmt: skip
-    _table(rows, ["ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO", "IN USE", "NAME"])
+                     Path(f.cdev).name if f.cdev else "-", "; ".join(f.in_use) or "-", f.name])  # fmt: skip
+    _table(rows, ["ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO", "CDEV", "IN USE", "NAME"])
 
 
 @main.command("groups")
@@ -237,7 +252,8 @@ def groups_cmd(as_json: bool, **roots: Path) -> None:
         state = "viable" if g.viable else "not viable: " + ", ".join(g.blockers)
         click.echo(f"group {g.group} ({g.type or '?'}, {state})" + (f" {g.vfio_node}" if g.vfio_node else ""))
         for m in g.members:
-            click.echo(f"  {m['address']}  {m['id']}  {m['driver'] or '-'}" + ("  [bridge]" if m["bridge"] else ""))
+            click.echo(f"  {m['address']}  {m['id']}  {m['driver'] or '-'}" + ("  [bridge]" if m["bridge"] else "")
+                       + (f"  cdev {Path(m['cdev']).name}" if m["cdev"] else ""))  # fmt: skip
         for r in g.reserved_regions:
             click.echo(f"  reserved {r['start']}-{r['end']} {r['type']}")
         for o in g.open_by:
@@ -261,11 +277,11 @@ def _report(result: Any, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the ordered sysfs writes; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--timeout", type=click.FloatRange(0), default=10.0, show_default=True,
-              help="Seconds to wait for /dev/vfio/N.")  # fmt: skip
+              help="Seconds to wait for /dev/vfio/N and /dev/vfio/devices/vfioN.")  # fmt: skip
 @_host_options
 def bind_cmd(addresses: list[str], whole_group: bool, force: bool, dry_run: bool, as_json: bool, timeout: float,
              **roots: Path) -> None:  # fmt: skip
-    """Hand PCI functions to vfio-pci; returns when /dev/vfio/N is ready."""
+    """Hand PCI functions to vfio-pci; returns when /dev/vfio/N (and each device cdev, if any) is ready."""
     from hostrelay.host.binding import BindError, bind
 
     try:
@@ -307,13 +323,19 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @_host_options
 def check_cmd(guest_ram: int | None, containers: int | None, as_json: bool, **roots: Path) -> None:
-    """Is this host ready for VFIO? Each finding with its remedy; exit 1 if not ready."""
-    from hostrelay.host.check import readiness, ready
+    """Is this host ready for VFIO? Each finding with its remedy; exit 1 if not ready.
 
-    findings = readiness(_host(**roots), guest_ram=guest_ram, containers=containers)
+    The iommufd backend (/dev/iommu, device cdevs) is reported too; its
+    absence is a warning, as the type1 checks alone decide the exit status.
+    """
+    from hostrelay.host.check import iommufd_ready, readiness, ready
+
+    findings = readiness(_host(**roots), guest_ram=guest_ram, containers=containers, build=_build_support())
     ok = ready(findings)
     if as_json:
-        _emit_json({"ready": ok, "findings": [f.to_json() for f in findings]})
+        summary = next(f for f in findings if f.check == "iommufd")
+        _emit_json({"ready": ok, "iommufd": {"ready": iommufd_ready(findings), "detail": summary.detail},
+                    "findings": [f.to_json() for f in findings]})  # fmt: skip
     else:
         for f in findings:
             click.echo(f"[{f.status.upper():4}] {f.check}: {f.detail}")
@@ -324,12 +346,13 @@ def check_cmd(guest_ram: int | None, containers: int | None, as_json: bool, **ro
 
 
 @main.command("udev-rules")
-@click.option("--group", "unix_group", metavar="GROUP", help="Unix group to give access to /dev/vfio/<N>.")
-@click.option("--mode", default="0660", show_default=True, help="Mode for the group nodes.")
+@click.option("--group", "unix_group", metavar="GROUP",
+              help="Unix group to give access to /dev/vfio/<N>, /dev/vfio/devices/vfioN and /dev/iommu.")
+@click.option("--mode", default="0660", show_default=True, help="Mode for those nodes.")
 @click.option("--bind", "selectors", multiple=True, metavar="ADDR|VVVV:DDDD",
               help="Bind this function (or every function with this ID) to vfio-pci at boot; repeatable.")
 def udev_rules_cmd(unix_group: str | None, mode: str, selectors: tuple[str, ...]) -> None:
-    """Print udev rules: group access to /dev/vfio/* and/or vfio-pci binding at boot."""
+    """Print udev rules: group access to /dev/vfio/*, /dev/vfio/devices/* and /dev/iommu, and/or vfio-pci binding at boot."""
     from hostrelay.host.udev import rules_text
 
     if unix_group is None and not selectors:

@@ -1,8 +1,9 @@
 """Host tooling against the real kernel, run in the testbed.
 
 One testbed configuration for the Intel tests (edu, nvme, two bridged edu,
-two hot-plug ports) plus the default virtio one.  Every test leaves devices as
-it found them (driverless edu, nvme on nvme), so the order does not matter.
+two hot-plug ports), the default virtio one, and the iommufd kernel (one edu)
+for the iommufd backend's nodes.  Every test leaves devices as it found them
+(driverless edu, nvme on nvme), so the order does not matter.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import grp
 import json
 import os
 import pwd
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ import pytest
 from hostrelay.host.sysfs import Host, driver_of, find_pci
 
 INTEL = {"iommu": "intel", "edu": 1, "nvme": 1, "bridged_edu": 2, "hotplug_ports": 2}
+IOMMUFD = {"edu": 1, "iommufd": True}  # the kernel built with IOMMUFD and VFIO device cdevs (hostrelay.testbed.build)
 EDU = (0x1234, 0x11E8)
 NVME = (0x1B36, 0x0010)
 UDEVD_ENV = {**os.environ, "SYSTEMD_IGNORE_CHROOT": "1"}  # the testbed runs its command in a chroot
@@ -327,14 +330,19 @@ def _as_user(user: str, script: str, *args: str) -> subprocess.CompletedProcess[
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/tmp", timeout=60)
 
 
-@pytest.mark.vfio(**INTEL)
-def test_udev_group_rule_lets_unprivileged_user_map(state_dir: Path, udevd: None) -> None:
+def _test_users() -> None:
+    """Group hrvfio with member hruser, and hrother outside it (in the guest's overlay only)."""
     subprocess.run(["groupadd", "-f", "hrvfio"], check=True)
     for user, extra in (("hruser", ["-G", "hrvfio"]), ("hrother", [])):
         if subprocess.run(["id", user], capture_output=True).returncode != 0:
             subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", *extra, user], check=True)
     # The host's interpreter lives under /root (0700); open it up in the guest's overlay only.
     os.chmod("/root", 0o755)
+
+
+@pytest.mark.vfio(**INTEL)
+def test_udev_group_rule_lets_unprivileged_user_map(state_dir: Path, udevd: None) -> None:
+    _test_users()
     rules = hostrelay("udev-rules", "--group", "hrvfio", state_dir=state_dir, check=True).stdout
     Path("/etc/udev/rules.d").mkdir(parents=True, exist_ok=True)
     Path("/etc/udev/rules.d/70-hostrelay-vfio.rules").write_text(rules)
@@ -394,3 +402,161 @@ def test_check_reports_missing_interrupt_remapping_under_virtio(state_dir: Path)
         assert "NOT ready" in out.stdout
     finally:
         param.write_text("Y")
+
+
+# ------------------------------------------------------------------ iommufd
+def _char_device(path: Path) -> bool:
+    return path.exists() and stat.S_ISCHR(path.stat().st_mode)
+
+
+def _cdev_of(bdf: str) -> Path:
+    # Linux >= 6.6 with CONFIG_VFIO_DEVICE_CDEV: <dev>/vfio-dev/vfioN has a dev
+    # number and devtmpfs creates /dev/vfio/devices/vfioN.
+    (name,) = os.listdir(f"/sys/bus/pci/devices/{bdf}/vfio-dev")
+    assert Path(f"/sys/bus/pci/devices/{bdf}/vfio-dev/{name}/dev").exists()
+    return Path("/dev/vfio/devices") / name
+
+
+@pytest.mark.vfio(**INTEL)
+def test_type1_kernel_check_says_iommufd_unavailable_and_bind_has_no_cdev(state_dir: Path) -> None:
+    if Path("/dev/iommu").exists():
+        pytest.skip("this kernel has iommufd; the testbed's stock Debian kernel has not")
+    edu = lone_edu()
+    bound = json.loads(hostrelay("bind", edu, "--json", state_dir=state_dir, check=True).stdout)
+    try:
+        assert bound["devices"][0]["cdev"] is None, "no cdev support is not an error"
+        # The vfio-dev device exists all the same (Linux >= 6.1), without a dev number.
+        (name,) = os.listdir(f"/sys/bus/pci/devices/{edu}/vfio-dev")
+        assert not Path(f"/sys/bus/pci/devices/{edu}/vfio-dev/{name}/dev").exists()
+        assert not Path("/dev/vfio/devices").exists()
+        out = hostrelay("check", "--json", "--guest-ram", "1G", state_dir=state_dir)
+        report = json.loads(out.stdout)
+        assert out.returncode == 0 and report["ready"] is True, "the type1 checks decide"
+        assert report["iommufd"]["ready"] is False
+        assert report["iommufd"]["detail"].startswith("iommufd backend unavailable: /dev/iommu does not exist")
+        findings = _findings(out)
+        assert findings["iommufd-cdev"]["status"] == "warn"
+        assert "no; evidence: vfio is loaded but registered no 'vfio-dev' char region" in findings["iommufd-cdev"]["detail"]
+        assert all(f["status"] != "fail" for f in report["findings"] if f["check"].startswith("iommufd"))
+        text = hostrelay("check", "--guest-ram", "1G", state_dir=state_dir)
+        assert "[WARN] iommufd: iommufd backend unavailable: /dev/iommu does not exist" in text.stdout
+        assert text.returncode == 0 and text.stdout.splitlines()[-1] == "ready"
+        listed = {d["address"]: d for d in json.loads(hostrelay("devices", "--json", state_dir=state_dir, check=True).stdout)}
+        assert listed[edu]["cdev"] is None and listed[edu]["vfio_ready"] is True
+    finally:
+        hostrelay("unbind", "--restore", edu, state_dir=state_dir, check=True)
+
+
+@pytest.mark.vfio(**IOMMUFD)
+def test_iommufd_kernel_check_bind_devices_groups_show_the_cdev(state_dir: Path) -> None:
+    edu = lone_edu()
+    before = hostrelay("check", "--json", state_dir=state_dir)
+    assert before.returncode == 0, before.stdout
+    assert _findings(before)["iommufd-devices"]["detail"].startswith("no device is bound")
+
+    bound = hostrelay("bind", edu, state_dir=state_dir, check=True)
+    try:
+        cdev = _cdev_of(edu)
+        assert f", cdev {cdev})" in bound.stdout, bound.stdout
+        assert _char_device(cdev), "bind returned before the cdev node existed"
+        out = hostrelay("check", "--json", state_dir=state_dir)
+        report = json.loads(out.stdout)
+        findings = _findings(out)
+        assert out.returncode == 0 and report["ready"] is True, findings
+        assert report["iommufd"]["ready"] is True, report["iommufd"]
+        assert report["iommufd"]["detail"].startswith("iommufd backend ready")
+        assert findings["iommufd-dev"]["status"] == "ok" and "/dev/iommu" in findings["iommufd-dev"]["detail"]
+        assert findings["iommufd-cdev"]["status"] == "ok"
+        assert "evidence: vfio registered the 'vfio-dev' char region (/proc/devices)" in findings["iommufd-cdev"]["detail"]
+        assert findings["iommufd-devices"]["status"] == "ok"
+        assert findings["iommufd-devices"]["detail"].startswith(f"{edu}: {cdev}, uid 0 can open it")
+        assert findings["iommufd-build"]["status"] == "ok"
+        text = hostrelay("check", state_dir=state_dir, check=True).stdout
+        assert "[OK  ] iommufd: iommufd backend ready" in text
+
+        listed = {d["address"]: d for d in json.loads(hostrelay("devices", "--json", state_dir=state_dir, check=True).stdout)}
+        assert listed[edu]["cdev"] == str(cdev)
+        table = hostrelay("devices", state_dir=state_dir, check=True).stdout.splitlines()
+        column = table[0].split().index("CDEV")
+        assert next(line.split() for line in table if line.startswith(edu))[column] == cdev.name
+        groups = hostrelay("groups", state_dir=state_dir, check=True).stdout
+        assert f"{edu}  1234:11e8  vfio-pci  cdev {cdev.name}" in groups
+        group = Host().group(edu)
+        listed_groups = {g["group"]: g for g in json.loads(hostrelay("groups", "--json", state_dir=state_dir, check=True).stdout)}
+        assert listed_groups[group]["members"][0]["cdev"] == str(cdev)
+    finally:
+        unbound = hostrelay("unbind", "--restore", edu, state_dir=state_dir, check=True)
+    assert f"vfio-pci -> no driver (cdev {cdev} removed)" in unbound.stdout
+    assert not cdev.exists() and driver_of(edu) is None
+    listed = {d["address"]: d for d in json.loads(hostrelay("devices", "--json", state_dir=state_dir, check=True).stdout)}
+    assert listed[edu]["cdev"] is None
+
+
+IOMMUFD_MAP_UNMAP = """
+import mmap, sys
+from hostrelay.kernel.ioctl import buffer_address
+from hostrelay.kernel.iommufd import Iommufd, IommufdDevice
+buf = mmap.mmap(-1, 1 << 20)
+with Iommufd() as fd:
+    ioas = fd.ioas()
+    dev = IommufdDevice(sys.argv[1], fd)
+    try:
+        dev.attach(ioas.id)
+        ioas.map(0x100000, 1 << 20, buffer_address(buf))
+        print("unmapped", ioas.unmap(0x100000, 1 << 20))
+    finally:
+        dev.close()
+"""
+
+
+@pytest.mark.vfio(**IOMMUFD)
+def test_udev_group_rule_gives_iommufd_nodes_to_the_group(state_dir: Path, udevd: None) -> None:
+    import pyudev
+
+    _test_users()
+    rules = hostrelay("udev-rules", "--group", "hrvfio", "--mode", "0660", state_dir=state_dir, check=True).stdout
+    assert 'SUBSYSTEM=="misc", KERNEL=="iommu", GROUP="hrvfio", MODE="0660"' in rules
+    Path("/etc/udev/rules.d").mkdir(parents=True, exist_ok=True)
+    Path("/etc/udev/rules.d/70-hostrelay-vfio.rules").write_text(rules)
+    reload_udev_rules()
+    gid = grp.getgrnam("hrvfio").gr_gid
+
+    # /dev/iommu was created at boot (0660 root:root, iommufd's misc device):
+    # a change event makes udevd apply the rule to it, as 'udevadm trigger' would.
+    iommu = Path("/dev/iommu")
+    assert iommu.stat().st_gid == 0
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+    monitor.filter_by("misc")
+    monitor.start()
+    Path("/sys/class/misc/iommu/uevent").write_text("change")
+    deadline = time.monotonic() + 30
+    while True:
+        dev = monitor.poll(timeout=max(0.0, deadline - time.monotonic()))
+        assert dev is not None, "udevd did not process the change event of /dev/iommu"
+        if dev.action == "change" and dev.sys_name == "iommu":
+            break
+    st = iommu.stat()
+    assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+
+    edu = lone_edu()
+    hostrelay("bind", edu, state_dir=state_dir, check=True)
+    try:
+        cdev = _cdev_of(edu)
+        st = cdev.stat()
+        # bind waited for udev's add event of the cdev, so the rule has run when it returns.
+        assert st.st_gid == gid and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+        ok = _as_user("hruser", IOMMUFD_MAP_UNMAP, edu)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.split() == ["unmapped", str(1 << 20)]
+        denied = _as_user("hrother", IOMMUFD_MAP_UNMAP, edu)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied.stderr
+        checked = _as_user("hruser", "import sys; from hostrelay.cli import main; main(sys.argv[1:])", "check", "--json")
+        report: dict[str, Any] = json.loads(checked.stdout)
+        assert report["iommufd"]["ready"] is True, report["iommufd"]
+        found = {f["check"]: f for f in report["findings"]}
+        assert found["iommufd-dev"]["status"] == "ok" and found["iommufd-devices"]["status"] == "ok", found
+        other = json.loads(_as_user("hrother", "import sys; from hostrelay.cli import main; main(sys.argv[1:])",
+                                    "check", "--json").stdout)  # fmt: skip
+        assert other["iommufd"]["detail"].startswith("iommufd backend unavailable: uid"), other["iommufd"]
+    finally:
+        hostrelay("unbind", "--restore", edu, state_dir=state_dir, check=True)

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 
 from hostrelay.host import sysfs
-from hostrelay.host.binding import BindError, bind, bind_vfio, plan_bind, unbind
-from hostrelay.host.check import parse_size, readiness, ready
+from hostrelay.host import check
+from hostrelay.host.binding import BindError, bind, bind_vfio, plan_bind, result_text, unbind
+from hostrelay.host.check import BuildSupport, Finding, iommufd_ready, parse_size, readiness, ready
 from hostrelay.cli import main
 from hostrelay.host.devices import list_functions, list_groups, normalize_address
 from hostrelay.host.sysfs import Host
@@ -33,6 +34,11 @@ class FakeKernel:
         self.writes: list[tuple[str, str]] = []
         self.native: dict[str, str | None] = {}
         self.vfio_refuses = False
+        # Like Linux >= 6.1, vfio-pci gives each device <dev>/vfio-dev/vfioN;
+        # with cdevs (Linux >= 6.6, CONFIG_VFIO_DEVICE_CDEV) it has a dev
+        # number and devtmpfs makes /dev/vfio/devices/vfioN.
+        self.cdevs = False
+        self.next_cdev = 0
         for d in ("sys/bus/pci/devices", "sys/kernel/iommu_groups", "sys/devices/pci0000:00", "dev/vfio",
                   "proc/self", "run", "sys/class/iommu/dmar0"):  # fmt: skip
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -80,6 +86,13 @@ class FakeKernel:
         if drv == "vfio-pci":
             group = self.host.group(bdf)
             (self.root / "dev/vfio" / str(group)).write_text("")
+            name = f"vfio{self.next_cdev}"
+            self.next_cdev += 1
+            (self._dev(bdf) / "vfio-dev" / name).mkdir(parents=True)
+            if self.cdevs:
+                (self._dev(bdf) / "vfio-dev" / name / "dev").write_text(f"246:{self.next_cdev - 1}\n")
+                (self.root / "dev/vfio/devices").mkdir(exist_ok=True)
+                (self.root / "dev/vfio/devices" / name).write_text("")
 
     def write(self, path: Path, value: str) -> None:
         self.writes.append((str(path.relative_to(self.root)), value))
@@ -91,6 +104,12 @@ class FakeKernel:
             assert link.is_symlink(), "unbind of an unbound device: the kernel answers ENODEV"
             was_vfio = os.path.basename(os.readlink(link)) == "vfio-pci"
             link.unlink()
+            if was_vfio:
+                for vdev in (self._dev(bdf) / "vfio-dev").iterdir():
+                    (self.root / "dev/vfio/devices" / vdev.name).unlink(missing_ok=True)
+                    (vdev / "dev").unlink(missing_ok=True)
+                    vdev.rmdir()
+                (self._dev(bdf) / "vfio-dev").rmdir()
             group = self.host.group(bdf)
             if was_vfio and not any(self.host.driver(m) == "vfio-pci" for m in self.host.group_members(group or 0)):
                 (self.root / "dev/vfio" / str(group)).unlink()
@@ -336,7 +355,23 @@ def test_rules() -> None:
     assert 'KERNEL=="0000:00:03.0"' in line[2]
     with pytest.raises(ValueError):
         access_rule('kvm", MODE="0666')
+    with pytest.raises(ValueError):
+        access_rule("kvm", "0680")
     assert rules_text("kvm", []) == access_rule("kvm")
+
+
+def test_rules_cover_the_iommufd_nodes() -> None:
+    # Same group and mode for the group nodes, the device cdevs (class vfio-dev)
+    # and /dev/iommu (misc device "iommu"), in the file shipped and as printed.
+    rules = access_rule("kvm", "0640").splitlines()
+    assert rules[1:] == ['SUBSYSTEM=="vfio", GROUP="kvm", MODE="0640"',
+                         'SUBSYSTEM=="vfio-dev", GROUP="kvm", MODE="0640"',
+                         'SUBSYSTEM=="misc", KERNEL=="iommu", GROUP="kvm", MODE="0640"']  # fmt: skip
+    shipped = (REPO / "udev/70-hostrelay-vfio.rules").read_text()
+    assert 'SUBSYSTEM=="misc", KERNEL=="iommu", GROUP="vfio", MODE="0660"' in shipped
+    assert 'SUBSYSTEM=="vfio-dev", GROUP="vfio", MODE="0660"' in shipped
+    printed = CliRunner().invoke(main, ["udev-rules", "--group", "kvm", "--mode", "0640"])
+    assert printed.exit_code == 0 and printed.output == access_rule("kvm", "0640")
 
 
 # ----------------------------------------------------------------------- CLI
@@ -372,3 +407,188 @@ def test_cli_exit_codes_and_outputs(fk: FakeKernel, cli_env: dict[str, str]) -> 
     _iommu_ready(fk, remap=False)
     checked = run(main, ["check", "--json"], env=cli_env)
     assert checked.exit_code == 1 and json.loads(checked.output)["ready"] is False
+
+
+# ------------------------------------------------------------------ iommufd
+EDU = "0000:00:03.0"
+
+
+def _iommufd_kernel(fk: FakeKernel) -> None:
+    """What a Linux >= 6.6 kernel with CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV shows."""
+    fk.cdevs = True
+    (fk.root / "dev/iommu").write_text("")
+    (fk.root / "proc/devices").write_text("Character devices:\n  1 mem\n 10 misc\n246 vfio-dev\n247 vfio\n\n"
+                                          "Block devices:\n259 blkext\n")  # fmt: skip
+    (fk.sys / "class/vfio-dev").mkdir(parents=True, exist_ok=True)
+
+
+def _type1_kernel(fk: FakeKernel) -> None:
+    """A kernel without iommufd (Debian's): vfio-dev class (Linux >= 6.1) but no cdev region, no /dev/iommu."""
+    (fk.root / "proc/devices").write_text("Character devices:\n  1 mem\n 10 misc\n245 vfio\n\nBlock devices:\n")
+    (fk.sys / "class/vfio-dev").mkdir(parents=True, exist_ok=True)
+
+
+def _by_check(findings: list[Finding]) -> dict[str, list[Finding]]:
+    out: dict[str, list[Finding]] = {}
+    for f in findings:
+        out.setdefault(f.check, []).append(f)
+    return out
+
+
+def test_check_reports_iommufd_ready_with_evidence_and_cdevs(fk: FakeKernel) -> None:
+    _iommu_ready(fk, remap=True)
+    _iommufd_kernel(fk)
+    found = _by_check(readiness(fk.host, build=BuildSupport(True)))
+    assert found["iommufd-devices"][0].status == "warn" and "no device is bound" in found["iommufd-devices"][0].detail
+    bind([EDU], fk.host)
+    findings = readiness(fk.host, build=BuildSupport(True))
+    found = _by_check(findings)
+    assert found["iommufd-dev"][0].status == "ok" and str(fk.root / "dev/iommu") in found["iommufd-dev"][0].detail
+    cdev = found["iommufd-cdev"][0]
+    assert cdev.status == "ok" and "evidence: vfio registered the 'vfio-dev' char region" in cdev.detail
+    assert str(fk.root / "proc/devices") in cdev.detail
+    (dev,) = found["iommufd-devices"]
+    assert dev.status == "ok" and dev.detail.startswith(f"{EDU}: {fk.root / 'dev/vfio/devices/vfio0'}")
+    assert found["iommufd-build"][0].status == "ok"
+    assert found["iommufd"][0].status == "ok" and found["iommufd"][0].detail.startswith("iommufd backend ready")
+    assert iommufd_ready(findings) and ready(findings)
+    assert [f.check for f in findings][-5:] == ["iommufd-dev", "iommufd-cdev", "iommufd-devices", "iommufd-build", "iommufd"]
+
+
+def test_check_iommufd_unavailable_is_not_a_type1_failure(fk: FakeKernel) -> None:
+    _iommu_ready(fk, remap=True)
+    _type1_kernel(fk)
+    bind([EDU], fk.host)
+    assert (fk._dev(EDU) / "vfio-dev/vfio0").is_dir() and fk.host.vfio_cdev(EDU) is None
+    findings = readiness(fk.host, build=BuildSupport(False, "no <linux/iommufd.h>"))
+    found = _by_check(findings)
+    assert all(f.status != "fail" for f in findings if f.check.startswith("iommufd"))
+    assert ready(findings) and not iommufd_ready(findings), "the type1 checks decide"
+    summary = found["iommufd"][0]
+    assert summary.status == "warn"
+    assert summary.detail.startswith(f"iommufd backend unavailable: {fk.root / 'dev/iommu'} does not exist")
+    assert "CONFIG_VFIO_DEVICE_CDEV): no" in summary.detail and "no <linux/iommufd.h>" in summary.detail
+    cdev = found["iommufd-cdev"][0]
+    assert "evidence: vfio is loaded but registered no 'vfio-dev' char region" in cdev.detail
+    assert "iommufd-devices" not in found, "no cdevs at all: nothing to report per device"
+    assert "CONFIG_IOMMUFD" in found["iommufd-dev"][0].remedy and "cext/uapi.py" in found["iommufd-build"][0].remedy
+
+
+def test_check_cdev_evidence_from_the_kernel_config(fk: FakeKernel) -> None:
+    # vfio not loaded: no /proc/devices entry to go by, so the shipped config answers.
+    (fk.root / "proc/sys/kernel").mkdir(parents=True)
+    (fk.root / "proc/sys/kernel/osrelease").write_text("6.12.0-test\n")
+    (fk.root / "proc/devices").write_text("Character devices:\n  1 mem\n\nBlock devices:\n")
+
+    def cdev() -> Finding:
+        return _by_check(readiness(fk.host, build=BuildSupport(True)))["iommufd-cdev"][0]
+
+    assert cdev().status == "warn" and "unknown" in cdev().detail and "config-6.12.0-test" in cdev().detail
+    import gzip
+
+    (fk.root / "proc/config.gz").write_bytes(gzip.compress(b"CONFIG_IOMMUFD=y\n# CONFIG_VFIO_DEVICE_CDEV is not set\n"))
+    assert "no; evidence: CONFIG_VFIO_DEVICE_CDEV is not set in " + str(fk.root / "proc/config.gz") in cdev().detail
+    boot = fk.root / "boot"
+    boot.mkdir()
+    (boot / "config-6.12.0-test").write_text("CONFIG_IOMMUFD=y\nCONFIG_VFIO_DEVICE_CDEV=y\n")
+    fk.host.boot = boot
+    assert cdev().status == "ok" and f"evidence: CONFIG_VFIO_DEVICE_CDEV=y in {boot / 'config-6.12.0-test'}" in cdev().detail
+
+
+def test_check_iommufd_permissions(fk: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    _iommu_ready(fk, remap=True)
+    _iommufd_kernel(fk)
+    bind([EDU], fk.host)
+    denied = {fk.root / "dev/iommu", fk.root / "dev/vfio/devices/vfio0"}
+    monkeypatch.setattr(check, "_can_open", lambda path: path not in denied)
+    findings = readiness(fk.host, build=BuildSupport(True))
+    found = _by_check(findings)
+    assert found["iommufd-dev"][0].status == "warn" and "cannot open" in found["iommufd-dev"][0].detail
+    assert "hostrelay udev-rules --group GROUP" in found["iommufd-dev"][0].remedy
+    dev = found["iommufd-devices"][0]
+    assert dev.status == "warn" and f"cannot open {fk.root / 'dev/vfio/devices/vfio0'}" in dev.detail
+    assert "--subsystem-match=vfio-dev" in dev.remedy
+    assert found["iommufd"][0].detail.startswith("iommufd backend unavailable: uid")
+    assert ready(findings)
+    (fk.root / "dev/vfio/devices/vfio0").unlink()  # sysfs has the cdev, /dev does not
+    dev = _by_check(readiness(fk.host, build=BuildSupport(True)))["iommufd-devices"][0]
+    assert dev.status == "warn" and "does not exist" in dev.detail
+
+
+def test_bind_waits_for_and_reports_the_cdev(fk: FakeKernel) -> None:
+    _iommufd_kernel(fk)
+    result = bind([EDU], fk.host)
+    node = fk.root / "dev/vfio/devices/vfio0"
+    assert result.devices[0]["cdev"] == str(node) and node.exists()
+    assert result_text(result) == [f"{EDU}: no driver -> vfio-pci (group 3, {fk.root / 'dev/vfio/3'}, cdev {node})"]
+    again = bind([EDU], fk.host)  # already bound: the existing cdev is ready at once
+    assert again.devices[0]["cdev"] == str(node) and "already on vfio-pci" in result_text(again)[0]
+    assert bind([EDU], fk.host, dry_run=True).devices[0]["cdev"] == str(node)
+    back = unbind([EDU], fk.host, restore=True)
+    assert back.devices[0]["cdev"] == str(node) and result_text(back) == [f"{EDU}: vfio-pci -> no driver (cdev {node} removed)"]
+    assert not node.exists()
+
+
+def test_bind_without_cdev_support_is_not_an_error(fk: FakeKernel) -> None:
+    _type1_kernel(fk)
+    result = bind([EDU], fk.host)
+    assert result.devices[0]["cdev"] is None and ", cdev " not in result_text(result)[0]
+
+
+def test_cdev_waiter_without_events_checks_state(fk: FakeKernel) -> None:
+    with VfioNodeWaiter(fk.host) as waiter, pytest.raises(TimeoutError, match="vfio0"):
+        waiter.wait_cdev("vfio0", timeout=0.01)
+    _iommufd_kernel(fk)
+    bind([EDU], fk.host)
+    with VfioNodeWaiter(fk.host) as waiter:
+        assert waiter.wait_cdev("vfio0") == fk.root / "dev/vfio/devices/vfio0"
+
+
+def test_devices_and_groups_show_the_cdev(fk: FakeKernel, cli_env: dict[str, str]) -> None:
+    _iommufd_kernel(fk)
+    bind([EDU], fk.host)
+    bind(["0000:00:04.0"], fk.host)
+    node = str(fk.root / "dev/vfio/devices/vfio0")
+    funcs = {f.address: f for f in list_functions(fk.host, names=False)}
+    assert funcs[EDU].cdev == node and funcs["0000:02:01.0"].cdev is None
+    run = CliRunner().invoke
+    listed = {d["address"]: d for d in json.loads(run(main, ["devices", "--json"], env=cli_env).output)}
+    assert listed[EDU]["cdev"] == node and listed["0000:00:04.0"]["cdev"].endswith("/vfio1")
+    table = run(main, ["devices"], env=cli_env).output.splitlines()
+    header = table[0].split()
+    assert header[:8] == ["ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFIO", "CDEV", "IN"]
+    row = next(line.split() for line in table if line.startswith(EDU))
+    assert row[header.index("CDEV")] == "vfio0"
+    groups = {g.group: g for g in list_groups(fk.host)}
+    assert groups[3].members[0]["cdev"] == node and groups[7].members[0]["cdev"] is None
+    text = run(main, ["groups"], env=cli_env).output
+    assert f"  {EDU}  1234:11e8  vfio-pci  cdev vfio0" in text
+    listed_groups = {g["group"]: g for g in json.loads(run(main, ["groups", "--json"], env=cli_env).output)}
+    assert listed_groups[3]["members"][0]["cdev"] == node
+    # A process holding the cdev open keeps unbind from giving the device back.
+    (fk.root / "proc/4243/fd").mkdir(parents=True)
+    (fk.root / "proc/4243/comm").write_text("vmm\n")
+    os.symlink(node, fk.root / "proc/4243/fd/9")
+    with pytest.raises(BindError, match=rf"pid 4243 \(vmm\) has {node} open"):
+        unbind([EDU], fk.host)
+
+
+def test_cli_check_reports_iommufd_and_type1_decides(fk: FakeKernel, cli_env: dict[str, str]) -> None:
+    _iommu_ready(fk, remap=True)
+    _type1_kernel(fk)
+    (fk.root / "proc/self/status").write_text(f"CapEff:\t{1 << 14:016x}\n")
+    bind([EDU], fk.host)
+    run = CliRunner().invoke
+    text = run(main, ["check"], env=cli_env)
+    assert text.exit_code == 0, text.output
+    assert "[WARN] iommufd: iommufd backend unavailable: " in text.output and text.output.rstrip().endswith("ready")
+    report = json.loads(run(main, ["check", "--json"], env=cli_env).output)
+    assert report["ready"] is True and report["iommufd"]["ready"] is False
+    assert report["iommufd"]["detail"].startswith("iommufd backend unavailable:")
+    _iommufd_kernel(fk)
+    unbind([EDU], fk.host)
+    bind([EDU], fk.host)  # rebound under a kernel with cdevs
+    report = json.loads(run(main, ["check", "--json"], env=cli_env).output)
+    from hostrelay.kernel import iommufd
+
+    assert report["iommufd"]["ready"] is iommufd.AVAILABLE, report["iommufd"]

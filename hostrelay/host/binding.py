@@ -9,7 +9,10 @@ Bind, per function (the order libvirt and vfio-pci-bind use):
  5. ``/sys/bus/pci/drivers_probe`` ← BDF (honours the override; returns success
     even when nothing binds, so step 6 is required);
  6. verify the ``driver`` link, rolling back every function touched on failure;
- 7. wait for ``/dev/vfio/<N>`` through the monitor, with a deadline.
+ 7. wait for ``/dev/vfio/<N>`` through the monitor, with a deadline, and for
+    the function's VFIO device cdev ``/dev/vfio/devices/vfioN`` when the kernel
+    gives it one (Linux >= 6.6 with ``CONFIG_VFIO_DEVICE_CDEV``; without it
+    there is no cdev to wait for, which is not an error).
 The override stays set while hostrelay owns the device so rescans and module
 reloads cannot steal it back.
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostrelay.host.devices import group_open_by, saved_state, usage
+from hostrelay.host.devices import cdev_path, group_open_by, saved_state, usage
 from hostrelay.host.sysfs import Host, SysfsWrite
 
 __all__ = ["BindError", "BindResult", "bind", "plan_bind", "plan_unbind", "result_text", "unbind"]
@@ -183,7 +186,8 @@ def bind(addresses: Sequence[str], host: Host | None = None, *, whole_group: boo
     steps = plan_bind(addresses, host, whole_group=whole_group, force=force, allow_partial_group=allow_partial_group)
     writes = [w for s in steps for w in s.writes]
     devices = [{"address": s.address, "iommu_group": s.group, "from": s.before, "to": VFIO_DRIVER,
-                "changed": bool(s.writes), "vfio_node": str(host.vfio_node(s.group)) if s.group is not None else None}
+                "changed": bool(s.writes), "vfio_node": str(host.vfio_node(s.group)) if s.group is not None else None,
+                "cdev": cdev_path(host, s.address)}
                for s in steps]  # fmt: skip
     if dry_run:
         return BindResult("bind", True, devices, writes)
@@ -208,15 +212,21 @@ def bind(addresses: Sequence[str], host: Host | None = None, *, whole_group: boo
                 raise BindError(f"{s.address}: vfio-pci did not bind (driver now {host.driver(s.address) or 'none'}); "
                                 "rolled back" + "".join(f"; {p}" for p in problems))  # fmt: skip
             s.group = host.group(s.address)  # may be known only now (see plan_bind)
+        # vfio-pci's probe registered the device before the driver link
+        # appeared, so its sysfs vfio-dev device (and cdev number) is known now.
+        cdevs = [name for s in steps if (name := host.vfio_cdev(s.address)) is not None]
         if wait_node:
-            for group in sorted({s.group for s in steps if s.group is not None}):
-                try:
+            try:
+                for group in sorted({s.group for s in steps if s.group is not None}):
                     waiter.wait(group, timeout=timeout)
-                except TimeoutError as exc:
-                    raise BindError(str(exc)) from exc
+                for name in cdevs:
+                    waiter.wait_cdev(name, timeout=timeout)
+            except TimeoutError as exc:
+                raise BindError(str(exc)) from exc
     for s, info in zip(steps, devices, strict=True):
         info["iommu_group"] = s.group
         info["vfio_node"] = str(host.vfio_node(s.group)) if s.group is not None else None
+        info["cdev"] = cdev_path(host, s.address)
     return BindResult("bind", False, devices, writes)
 
 
@@ -256,7 +266,8 @@ def unbind(addresses: Sequence[str], host: Host | None = None, *, restore: bool 
         state = saved_state(host, s.address)
         wanted = (state.get("driver") if state else None) if restore else None
         devices.append({"address": s.address, "iommu_group": s.group, "from": s.before, "saved_driver": wanted,
-                        "restore": restore, "had_state": state is not None})  # fmt: skip
+                        "restore": restore, "had_state": state is not None,
+                        "cdev": cdev_path(host, s.address)})  # fmt: skip
     if dry_run:
         return BindResult("unbind", True, devices, writes)
     for s, info in zip(steps, devices, strict=True):
@@ -288,9 +299,11 @@ def result_text(result: BindResult) -> list[str]:
     for d in result.devices:
         if result.action == "bind":
             what = f"{d['from'] or 'no driver'} -> {d['to']}" if d["changed"] else "already on vfio-pci"
-            lines.append(f"{d['address']}: {what} (group {d['iommu_group']}, {d['vfio_node']})")
+            cdev = f", cdev {d['cdev']}" if d.get("cdev") else ""
+            lines.append(f"{d['address']}: {what} (group {d['iommu_group']}, {d['vfio_node']}{cdev})")
         else:
-            lines.append(f"{d['address']}: {d['from'] or 'no driver'} -> {d.get('to') or 'no driver'}")
+            gone = f" (cdev {d['cdev']} removed)" if d.get("cdev") else ""
+            lines.append(f"{d['address']}: {d['from'] or 'no driver'} -> {d.get('to') or 'no driver'}{gone}")
     return lines
 
 

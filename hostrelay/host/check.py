@@ -2,19 +2,27 @@
 
 Each check yields a :class:`Finding` with a status (ok / warn / fail), what was
 seen, and the remedy.  The host is ready when nothing failed.
+
+The type1 checks (container and group nodes) decide readiness.  The iommufd
+backend (``/dev/iommu`` and the VFIO device cdevs, Linux >= 6.6) is reported
+beside them, as ``iommufd-*`` findings and one ``iommufd`` summary that says
+"iommufd backend ready" or "iommufd backend unavailable: <why>"; those are
+never failures, as the type1 path does not need iommufd.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import resource
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from hostrelay.host.sysfs import Host
 
-__all__ = ["Finding", "parse_size", "readiness", "ready"]
+__all__ = ["BuildSupport", "Finding", "iommufd_ready", "parse_size", "readiness", "ready"]
 
 CAP_IPC_LOCK = 14  # include/uapi/linux/capability.h
 
@@ -31,6 +39,18 @@ class Finding:
     def to_json(self) -> dict[str, Any]:
         """Stable keys for ``--json``."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class BuildSupport:
+    """What this hostrelay build offers, as the caller found it.
+
+    Host tooling may not import the kernel seam, so the front end asks
+    ``hostrelay.kernel.iommufd.AVAILABLE`` and passes the answer in.
+    """
+
+    iommufd: bool
+    why: str = ""  # why not, when ``iommufd`` is False
 
 
 def parse_size(text: str) -> int:
@@ -171,11 +191,172 @@ def _memlock(host: Host, guest_ram: int | None, containers: int | None) -> list[
     return [Finding("memlock", "ok", f"RLIMIT_MEMLOCK {limit} covers {_human(guest_ram)} x {n} container(s)")]
 
 
-def readiness(host: Host | None = None, *, guest_ram: int | None = None, containers: int | None = None) -> list[Finding]:
-    """Every finding, in a stable order."""
+# ------------------------------------------------------------------ iommufd
+def _can_open(path: Path) -> bool:
+    """May the caller open ``path`` read/write (its permissions; nothing is opened)?"""
+    return os.access(path, os.R_OK | os.W_OK)
+
+
+def _char_majors(host: Host) -> set[str]:
+    """Names of the character device regions in ``/proc/devices`` (empty when unreadable)."""
+    try:
+        text = (host.proc / "devices").read_text()
+    except OSError:
+        return set()
+    section = text.split("Block devices:", 1)[0]
+    return {parts[1] for line in section.splitlines() if len(parts := line.split()) == 2 and parts[0].isdigit()}
+
+
+def _kernel_config(host: Host) -> tuple[str, dict[str, str]] | None:
+    """The running kernel's configuration: where it was read and its ``CONFIG_*`` values."""
+    release = host.kernel_release()
+    candidates = [(host.boot / f"config-{release}", False), (host.proc / "config.gz", True)]  # IKCONFIG_PROC for the latter
+    for path, packed in candidates:
+        try:
+            raw = gzip.decompress(path.read_bytes()) if packed else path.read_bytes()
+        except (OSError, EOFError, gzip.BadGzipFile):
+            continue
+        values: dict[str, str] = {}
+        for line in raw.decode(errors="replace").splitlines():
+            if m := re.fullmatch(r"(CONFIG_\w+)=(.*)", line.strip()):
+                values[m.group(1)] = m.group(2)
+            elif m := re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip()):
+                values[m.group(1)] = "n"
+        return str(path), values
+    return None
+
+
+def _cdev_support(host: Host) -> tuple[bool | None, str]:
+    """Does the kernel have ``CONFIG_VFIO_DEVICE_CDEV``: yes / no / unknown, and the evidence.
+
+    vfio registers the char region ``vfio-dev`` (``vfio_cdev_init``, Linux
+    >= 6.6) only when built with ``CONFIG_VFIO_DEVICE_CDEV``; the class
+    ``/sys/class/vfio-dev`` exists from Linux 6.1 on either way (it holds
+    every VFIO device), so it shows only that vfio is loaded, not that its
+    devices have cdevs.  When vfio is not loaded the kernel's config, if
+    shipped, answers.
+    """
+    majors = _char_majors(host)
+    devices = host.proc / "devices"
+    if "vfio-dev" in majors:
+        return True, f"vfio registered the 'vfio-dev' char region ({devices})"
+    with_cdev = [b for b in _vfio_bound(host) if host.vfio_cdev(b) is not None]
+    if with_cdev:
+        return True, f"{with_cdev[0]}'s vfio-dev device has a device number (sysfs)"
+    # The group nodes' char region "vfio" (vfio_group_init, Linux >= 3.6) or
+    # the vfio-dev class (Linux >= 6.1) says vfio is loaded.
+    vfio_loaded = "vfio" in majors or (host.sys / "class/vfio-dev").is_dir()
+    if vfio_loaded and majors:
+        return False, f"vfio is loaded but registered no 'vfio-dev' char region ({devices})"
+    config = _kernel_config(host)
+    if config is not None:
+        where, values = config
+        value = values.get("CONFIG_VFIO_DEVICE_CDEV", "n")
+        shown = "CONFIG_VFIO_DEVICE_CDEV is not set" if value == "n" else f"CONFIG_VFIO_DEVICE_CDEV={value}"
+        return value == "y", f"{shown} in {where}"  # a bool option: y or not set
+    return None, (f"vfio is not loaded and there is no kernel config ({host.boot}/config-{host.kernel_release()}, "
+                  f"{host.proc}/config.gz)")  # fmt: skip
+
+
+def _vfio_bound(host: Host) -> list[str]:
+    return [b for b in host.pci_addresses() if host.driver(b) == "vfio-pci"]
+
+
+def _iommufd(host: Host, build: BuildSupport | None) -> list[Finding]:
+    user = f"uid {os.geteuid()}"
+    out: list[Finding] = []
+    why: list[str] = []  # what keeps the iommufd backend from working, in the order found
+    remedies: list[str] = []
+    rules = "install the rule from 'hostrelay udev-rules --group GROUP', add the user to GROUP"
+
+    # /dev/iommu: the iommufd misc device, 0660 root:root (Linux >= 6.2, CONFIG_IOMMUFD).
+    node = host.iommu_node
+    if not node.exists():
+        why.append(f"{node} does not exist (the kernel has no CONFIG_IOMMUFD, or iommufd is not loaded)")
+        remedies.append("modprobe iommufd, or boot a kernel with CONFIG_IOMMUFD=y (Linux >= 6.2; no Debian kernel "
+                        "enables it; 'hostrelay testbed run --iommufd' boots one)")  # fmt: skip
+        out.append(Finding("iommufd-dev", "warn", why[-1], remedies[-1]))
+    elif not _can_open(node):
+        why.append(f"{user} cannot open {node} read/write")
+        remedies.append(f"{rules}, then 'udevadm trigger --subsystem-match=misc --sysname-match=iommu'")
+        out.append(Finding("iommufd-dev", "warn", why[-1], remedies[-1]))
+    else:
+        out.append(Finding("iommufd-dev", "ok", f"{user} can open {node} read/write"))
+
+    # CONFIG_VFIO_DEVICE_CDEV: /dev/vfio/devices/vfioN per VFIO device (Linux >= 6.6).
+    cdevs, evidence = _cdev_support(host)
+    if cdevs:
+        out.append(Finding("iommufd-cdev", "ok", f"VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV): yes; evidence: {evidence}"))
+    else:
+        state = "no" if cdevs is False else "unknown"
+        why.append(f"VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV): {state}; evidence: {evidence}")
+        remedies.append("modprobe vfio-pci and check again" if cdevs is None
+                        else "boot a kernel with CONFIG_VFIO_DEVICE_CDEV=y (Linux >= 6.6; it needs CONFIG_IOMMUFD)")  # fmt: skip
+        out.append(Finding("iommufd-cdev", "warn", why[-1], remedies[-1]))
+
+    # Per bound device: its cdev's node and whether the caller may open it.
+    bound = _vfio_bound(host)
+    if cdevs is not False:
+        if not bound:
+            out.append(Finding("iommufd-devices", "warn", "no device is bound to vfio-pci yet (no cdev to check)",
+                               "hostrelay bind ADDR"))  # fmt: skip
+        for bdf in bound:
+            name = host.vfio_cdev(bdf)
+            if name is None:
+                detail = f"{bdf}: its vfio-dev device has no device number (no cdev)"
+                out.append(Finding("iommufd-devices", "warn", detail, "rebind it: hostrelay unbind ADDR; hostrelay bind ADDR"))
+                why.append(detail)
+                continue
+            cdev = host.cdev_node(name)
+            if not cdev.exists():
+                detail = f"{bdf}: {cdev} does not exist (is devtmpfs mounted on {host.dev}?)"
+                out.append(Finding("iommufd-devices", "warn", detail, "mount -t devtmpfs devtmpfs /dev"))
+            elif not _can_open(cdev):
+                detail = f"{bdf}: {user} cannot open {cdev} read/write"
+                out.append(Finding("iommufd-devices", "warn", detail,
+                                   f"{rules}, then 'udevadm trigger --subsystem-match=vfio-dev'"))  # fmt: skip
+            else:
+                out.append(Finding("iommufd-devices", "ok", f"{bdf}: {cdev}, {user} can open it read/write"))
+                continue
+            why.append(detail)
+
+    # This build: the extension's iommufd wrappers (cext/uapi.py found the headers).
+    if build is None:
+        why.append("this hostrelay build was not asked about iommufd")
+        out.append(Finding("iommufd-build", "warn", why[-1]))
+    elif not build.iommufd:
+        why.append(f"this hostrelay build has no iommufd: {build.why or 'its extension lacks the wrappers'}")
+        remedies.append("python3 cext/uapi.py (fetches headers with the iommufd uapi), then rebuild the extension")
+        out.append(Finding("iommufd-build", "warn", why[-1], remedies[-1]))
+    else:
+        out.append(Finding("iommufd-build", "ok", "this hostrelay build has the iommufd wrappers"))
+
+    if why:
+        out.append(Finding("iommufd", "warn", "iommufd backend unavailable: " + "; ".join(why)
+                           + " (the type1 backend does not need it)", "; ".join(dict.fromkeys(remedies))))  # fmt: skip
+    else:
+        with_cdev = sum(1 for b in bound if host.vfio_cdev(b) is not None)
+        out.append(Finding("iommufd", "ok", f"iommufd backend ready: {node}, device cdevs, this build"
+                           + (f"; {with_cdev} bound device(s) with an openable cdev" if with_cdev else "")))  # fmt: skip
+    return out
+
+
+def iommufd_ready(findings: list[Finding]) -> bool:
+    """True when the ``iommufd`` summary finding says the iommufd backend is ready."""
+    return any(f.check == "iommufd" and f.status == "ok" for f in findings)
+
+
+def readiness(host: Host | None = None, *, guest_ram: int | None = None, containers: int | None = None,
+              build: BuildSupport | None = None) -> list[Finding]:  # fmt: skip
+    """Every finding, in a stable order: the type1 ones, then the iommufd ones.
+
+    ``build`` says whether this hostrelay build has iommufd (the front end
+    reads ``hostrelay.kernel.iommufd.AVAILABLE``); without it the iommufd
+    backend is reported unavailable for want of an answer.
+    """
     host = host or Host()
     return (_iommu(host) + _interrupt_remapping(host) + _modules(host) + _permissions(host)
-            + _memlock(host, guest_ram, containers))  # fmt: skip
+            + _memlock(host, guest_ram, containers) + _iommufd(host, build))  # fmt: skip
 
 
 def ready(findings: list[Finding]) -> bool:

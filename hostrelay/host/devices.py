@@ -19,6 +19,7 @@ __all__ = [
     "OpenBy",
     "PciFunction",
     "VFIO_FRIENDLY_DRIVERS",
+    "cdev_path",
     "describe",
     "group_open_by",
     "list_functions",
@@ -73,6 +74,7 @@ class PciFunction:
     in_use: list[str] = field(default_factory=list)
     saved_driver: str | None = None
     saved: bool = False
+    cdev: str | None = None  # /dev/vfio/devices/vfioN while a vfio driver holds it (Linux >= 6.6 device cdevs)
 
     def to_json(self) -> dict[str, Any]:
         """Stable keys for ``--json``."""
@@ -229,12 +231,18 @@ def open_by(host: Host, paths: set[str]) -> list[OpenBy]:
     return found
 
 
+def cdev_path(host: Host, bdf: str) -> str | None:
+    """``/dev/vfio/devices/vfioN`` of ``bdf`` when the kernel gave it a cdev, else ``None``."""
+    name = host.vfio_cdev(bdf)
+    return str(host.cdev_node(name)) if name is not None else None
+
+
 def _vfio_paths(host: Host, group: int) -> set[str]:
     paths = {str(Path("/dev/vfio") / str(group)), str(host.vfio_node(group))}
     for bdf in host.group_members(group):
-        vdev = host.pci(bdf) / "vfio-dev"
-        if vdev.is_dir():  # iommufd cdev of this function (Linux >= 6.1)
-            paths |= {f"/dev/vfio/devices/{name}" for name in os.listdir(vdev)}
+        name = host.vfio_cdev(bdf)
+        if name is not None:  # the function's VFIO device cdev (Linux >= 6.6)
+            paths |= {f"/dev/vfio/devices/{name}", str(host.cdev_node(name))}
     return paths
 
 
@@ -283,6 +291,7 @@ def describe(host: Host, bdf: str, mounted: set[str] | None = None, *, names: bo
         in_use=usage(host, bdf, mounted),
         saved_driver=state.get("driver") if state else None,
         saved=state is not None,
+        cdev=cdev_path(host, bdf),  # only while a vfio driver holds it (vfio-pci or a variant)
     )
 
 
@@ -312,7 +321,8 @@ def list_groups(host: Host) -> list[GroupInfo]:
         node = host.vfio_node(n)
         members = [
             {"address": m, "driver": host.driver(m), "bridge": host.is_bridge(m),
-             "id": f"{host.read(host.pci(m) / 'vendor', '0x0000')[2:]}:{host.read(host.pci(m) / 'device', '0x0000')[2:]}"}
+             "id": f"{host.read(host.pci(m) / 'vendor', '0x0000')[2:]}:{host.read(host.pci(m) / 'device', '0x0000')[2:]}",
+             "cdev": cdev_path(host, m)}
             for m in host.group_members(n)
         ]  # fmt: skip
         groups.append(

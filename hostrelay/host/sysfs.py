@@ -85,6 +85,7 @@ class Host:
     dev: Path = Path("/dev")
     proc: Path = Path("/proc")
     run: Path = Path("/run")
+    boot: Path = Path("/boot")
     state_dir: Path = DEFAULT_STATE_DIR
     writer: Callable[[Path, str], None] = field(default=_default_writer)
     events: bool | None = None
@@ -173,6 +174,50 @@ class Host:
     def vfio_node(self, group: int) -> Path:
         """``/dev/vfio/<group>`` (the node that exists while a vfio driver holds a member)."""
         return self.vfio_dir / str(group)
+
+    # -- iommufd --------------------------------------------------------
+    @property
+    def iommu_node(self) -> Path:
+        """``/dev/iommu``: the iommufd misc device (Linux >= 6.2 with ``CONFIG_IOMMUFD``)."""
+        return self.dev / "iommu"
+
+    @property
+    def cdev_dir(self) -> Path:
+        """``/dev/vfio/devices``, where the VFIO device cdevs live (Linux >= 6.6)."""
+        return self.vfio_dir / "devices"
+
+    def vfio_dev_name(self, bdf: str) -> str | None:
+        """The name (``vfioN``) of ``bdf``'s VFIO device in sysfs, or ``None``.
+
+        Every device a vfio driver registers appears as
+        ``<dev>/vfio-dev/vfioN`` (class ``vfio-dev``, Linux >= 6.1) whether
+        or not the kernel has device cdevs; see :meth:`vfio_cdev`.
+        """
+        base = self.pci(bdf) / "vfio-dev"
+        names = sorted(n for n in os.listdir(base) if n.startswith("vfio")) if base.is_dir() else []
+        return names[0] if len(names) == 1 else None
+
+    def vfio_cdev(self, bdf: str) -> str | None:
+        """The name (``vfioN``) of ``bdf``'s VFIO device cdev, or ``None`` when it has none.
+
+        With ``CONFIG_VFIO_DEVICE_CDEV`` (Linux >= 6.6) the ``vfio-dev``
+        device gets a device number (``vfio_init_device_cdev``), so sysfs
+        shows its ``dev`` attribute and devtmpfs creates
+        ``/dev/vfio/devices/vfioN``; without it the sysfs device has no
+        ``dev`` attribute and there is no node.
+        """
+        name = self.vfio_dev_name(bdf)
+        if name is None or not (self.pci(bdf) / "vfio-dev" / name / "dev").exists():
+            return None
+        return name
+
+    def cdev_node(self, name: str) -> Path:
+        """``/dev/vfio/devices/<name>``."""
+        return self.cdev_dir / name
+
+    def kernel_release(self) -> str:
+        """The running kernel's release (``uname -r``), from the injectable ``/proc``."""
+        return self.read(self.proc / "sys/kernel/osrelease", os.uname().release)
 
     # -- writes ---------------------------------------------------------
     def write(self, op: SysfsWrite) -> None:

@@ -6,7 +6,8 @@ When udevd runs (``/run/udev/control`` exists) the monitor listens to udev's
 events, which arrive after the rules ran, so ``/dev/vfio/N`` already has the
 owner/group/mode the rules give it; without udevd it listens to the kernel's
 own uevents (the node exists then: devtmpfs creates it in ``device_add``
-before the ``add`` uevent is sent, Linux >= 2.6.32).
+before the ``add`` uevent is sent, Linux >= 2.6.32).  The same holds for a
+device's VFIO cdev ``/dev/vfio/devices/vfioN`` (class ``vfio-dev``, Linux >= 6.6).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "event_source",
     "rules_text",
     "udevd_running",
+    "wait_for_vfio_cdev",
+    "wait_for_vfio_node",
 ]
 
 
@@ -76,21 +79,28 @@ class _Monitor:
 
 
 class VfioNodeWaiter:
-    """Start listening, do the writes, then :meth:`wait` for ``/dev/vfio/<N>``.
+    """Start listening, do the writes, then :meth:`wait` for ``/dev/vfio/<N>``
+    (and :meth:`wait_cdev` for ``/dev/vfio/devices/vfioN``).
 
-    Use as a context manager around the binding writes.
+    Use as a context manager around the binding writes.  It listens to both
+    classes the nodes belong to: ``vfio`` (group nodes) and ``vfio-dev``
+    (device cdevs, Linux >= 6.6).  Every add event it receives is kept, so
+    waiting for one node never loses the event of another that came first.
     """
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self._mon: _Monitor | None = None
         self._before: set[str] = set()
+        self._cdevs_before: set[str] = set()
+        self._added: set[tuple[str, str]] = set()
         self.events_seen: list[tuple[str, str]] = []
 
     def __enter__(self) -> VfioNodeWaiter:
-        self._mon = _Monitor(self.host, ["vfio"])
-        vdir = self.host.vfio_dir
+        self._mon = _Monitor(self.host, ["vfio", "vfio-dev"])
+        vdir, cdir = self.host.vfio_dir, self.host.cdev_dir
         self._before = {p.name for p in vdir.iterdir()} if vdir.is_dir() else set()
+        self._cdevs_before = {p.name for p in cdir.iterdir()} if cdir.is_dir() else set()
         return self
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
@@ -99,19 +109,36 @@ class VfioNodeWaiter:
 
     @property
     def source(self) -> str | None:
+        """Where events come from: ``"udev"``, ``"kernel"`` or ``None`` (state checks only)."""
         return self._mon.source if self._mon else None
 
     def wait(self, group: int, *, timeout: float = 10.0) -> Path:
         """``/dev/vfio/<group>`` once it is ready; :class:`TimeoutError` after ``timeout`` s."""
-        assert self._mon is not None, "use VfioNodeWaiter as a context manager"
         node = self.host.vfio_node(group)
-        names = {str(group), f"noiommu-{group}"}
         # A node that existed before we started listening gets no new add event
         # (another member of its group was bound already): it is ready now.
-        if node.name in self._before and node.exists():
+        return self._wait(node, "vfio", {str(group), f"noiommu-{group}"}, node.name in self._before, timeout)
+
+    def wait_cdev(self, name: str, *, timeout: float = 10.0) -> Path:
+        """``/dev/vfio/devices/<name>`` once it is ready; :class:`TimeoutError` after ``timeout`` s.
+
+        The kernel adds the cdev (``cdev_device_add`` in
+        ``vfio_register_group_dev``, Linux >= 6.6) while vfio-pci probes, so
+        by the time the ``driver`` link shows vfio-pci its sysfs device and
+        its events exist; with udevd, its ``add`` event comes after the rules
+        gave the node its group and mode.
+        """
+        node = self.host.cdev_node(name)
+        return self._wait(node, "vfio-dev", {name}, name in self._cdevs_before, timeout)
+
+    def _wait(self, node: Path, subsystem: str, names: set[str], existed: bool, timeout: float) -> Path:
+        assert self._mon is not None, "use VfioNodeWaiter as a context manager"
+        if existed and node.exists():
             return node
         # With kernel events (or no events) existence is all there is to wait for.
         if self._mon.source != "udev" and node.exists():
+            return node
+        if any((subsystem, n) in self._added for n in names):
             return node
         deadline = time.monotonic() + timeout
         while True:
@@ -119,8 +146,10 @@ class VfioNodeWaiter:
             if dev is None:
                 break
             self.events_seen.append((dev.action, dev.sys_name))
-            if dev.action == "add" and dev.sys_name in names:
-                return node
+            if dev.action == "add":
+                self._added.add((dev.subsystem, dev.sys_name))
+                if dev.subsystem == subsystem and dev.sys_name in names:
+                    return node
         if self._mon.source is None and node.exists():
             return node
         raise TimeoutError(f"{node} did not appear within {timeout:g} s (source: {self._mon.source or 'none'})")
@@ -183,20 +212,27 @@ def _check_token(value: str, what: str) -> str:
 
 
 def access_rule(group: str, mode: str = "0660") -> str:
-    """Rule text giving ``group`` read/write access to every VFIO group node.
+    """Rule text giving ``group`` read/write access to every VFIO node the backends open.
 
-    ``/dev/vfio/<N>`` nodes are class ``vfio`` devices; the iommufd cdevs
-    ``/dev/vfio/devices/vfioX`` are class ``vfio-dev`` (Linux >= 6.6).  The
-    container ``/dev/vfio/vfio`` is a misc device the kernel itself creates
-    0666 (it grants nothing on its own), so it needs no rule.
+    ``/dev/vfio/<N>`` nodes are class ``vfio`` devices (type1); the VFIO
+    device cdevs ``/dev/vfio/devices/vfioN`` are class ``vfio-dev`` (Linux >=
+    6.6, ``CONFIG_VFIO_DEVICE_CDEV``; the kernel creates them 0600 root);
+    ``/dev/iommu`` is the misc device ``iommu`` that iommufd registers 0660
+    root:root (Linux >= 6.2, ``CONFIG_IOMMUFD``).  Opening ``/dev/iommu``
+    reaches no device by itself: a cdev must be opened and bound to it, and
+    what it pins is charged to the user's RLIMIT_MEMLOCK.  The container
+    ``/dev/vfio/vfio`` is a misc device the kernel itself creates 0666 (it
+    grants nothing on its own), so it needs no rule.
     """
     group = _check_token(group, "group")
-    if len(mode) != 4 or not mode.isdigit():
+    if len(mode) != 4 or not mode.isdigit() or any(c > "7" for c in mode):
         raise ValueError(f"invalid mode {mode!r}")
     return (
-        f"# hostrelay: give group '{group}' access to VFIO group nodes (install as {RULES_DIR / ACCESS_RULE_NAME})\n"
+        f"# hostrelay: give group '{group}' access to VFIO group nodes, device cdevs and /dev/iommu "
+        f"(install as {RULES_DIR / ACCESS_RULE_NAME})\n"
         f'SUBSYSTEM=="vfio", GROUP="{group}", MODE="{mode}"\n'
         f'SUBSYSTEM=="vfio-dev", GROUP="{group}", MODE="{mode}"\n'
+        f'SUBSYSTEM=="misc", KERNEL=="iommu", GROUP="{group}", MODE="{mode}"\n'
     )
 
 
@@ -245,3 +281,10 @@ def wait_for_vfio_node(group: int, *, dev_root: Path = Path("/dev/vfio"), timeou
     host = Host(dev=dev_root.parent)
     with VfioNodeWaiter(host) as waiter:
         return waiter.wait(group, timeout=timeout)
+
+
+def wait_for_vfio_cdev(name: str, *, dev_root: Path = Path("/dev/vfio"), timeout: float = 10.0) -> Path:
+    """Return ``<dev_root>/devices/<name>`` once it exists (udev/kernel event with a deadline)."""
+    host = Host(dev=dev_root.parent)
+    with VfioNodeWaiter(host) as waiter:
+        return waiter.wait_cdev(name, timeout=timeout)
