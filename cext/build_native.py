@@ -39,12 +39,15 @@ from uapi import find as _find_uapi  # noqa: E402
 
 _uapi = _find_uapi()
 _include_dirs = [str(HERE)]
+_macros: list[tuple[str, str | None]] = []
 _headers = sorted(HERE.glob("*.cdef"))
 if _uapi is not None:
     _headers.append(HERE / "iommufd" / "hr_iommufd.cdef")
     ffibuilder.cdef((HERE / "iommufd" / "hr_iommufd.cdef").read_text(), override=False)
     _sources.append(str((HERE / "iommufd" / "hr_iommufd.c").relative_to(HERE.parent)))
     _include_dirs.append(str(HERE / "iommufd"))
+    # The data plane's MAP/UNMAP (hr_fanout.c) then drives IOAS containers too.
+    _macros.append(("HR_HAVE_IOMMUFD", "1"))
     if _uapi != Path("/usr/include"):
         # Before the system's headers, so <linux/vfio.h> is the newer one too
         # (a superset with the same type1 layouts); the arch directory has the
@@ -82,6 +85,7 @@ ffibuilder.set_source(
     "\n".join(f'#include "{p.stem}.h"' for p in _headers),
     sources=_sources,
     include_dirs=_include_dirs,
+    define_macros=_macros,
     extra_compile_args=_compile,
     extra_link_args=_link,
 )

@@ -9,11 +9,20 @@
  * held.  Apart from the checks so that the all-or-nothing logic, the part
  * the fault tests are about, reads on its own.  Kernel behaviour is that of
  * vfio_iommu_type1 (type1v2) as of Linux 6.12.
+ *
+ * A "container" is either kind of host address space (struct hr_container):
+ * a type1 container, or an iommufd IOAS that every iommufd device of the
+ * domain is attached to, so a domain of N such devices is one container
+ * here and one ioctl per MAP.  The two differ only in c_map and c_unmap.
  */
 #include "hr_relay_int.h"
 
 #include <errno.h>
 #include <string.h>
+
+#ifdef HR_HAVE_IOMMUFD
+#include "hr_iommufd.h"
+#endif
 
 static int kernel_failed(struct hr_result *res, int err, int container)
 {
@@ -22,9 +31,35 @@ static int kernel_failed(struct hr_result *res, int err, int container)
 	return hr_refuse(res, hr_status_for_errno(err), HR_R_KERNEL);
 }
 
-static int c_map(struct hr_container *c, uint64_t iova, uint64_t size, uint64_t hva, uint32_t vf)
+static inline int c_map(struct hr_container *c, uint64_t iova, uint64_t size, uint64_t hva, uint32_t vf)
 {
-	return hr_vfio_map_dma(c->fd, vf, hva, iova, size);
+	if (__builtin_expect(c->kind == HR_CONT_TYPE1, 1))
+		return hr_vfio_map_dma(c->fd, vf, hva, iova, size);
+#ifdef HR_HAVE_IOMMUFD
+	/* Fixed IOVA, exactly the range: iommufd never moves or splits what
+	 * the guest asked for (Linux >= 6.2 IOMMU_IOAS_MAP_FIXED_IOVA). */
+	return hr_iommufd_ioas_map(c->fd, c->ioas, IOMMU_IOAS_MAP_FIXED_IOVA |
+				   (vf & VFIO_DMA_MAP_FLAG_READ ? IOMMU_IOAS_MAP_READABLE : 0) |
+				   (vf & VFIO_DMA_MAP_FLAG_WRITE ? IOMMU_IOAS_MAP_WRITEABLE : 0),
+				   hva, iova, size);
+#else
+	return -ENOSYS; /* Python never makes an IOAS container in such a build */
+#endif
+}
+
+/* Unmap every kernel entry inside [iova, iova+size); *got = bytes removed.
+ * Both kernels report the removed length (type1v2 Linux >= 3.x; iommufd
+ * Linux >= 6.2), which UNMAP checks against the table. */
+static inline int c_unmap(struct hr_container *c, uint64_t iova, uint64_t size, uint64_t *got)
+{
+	if (__builtin_expect(c->kind == HR_CONT_TYPE1, 1))
+		return hr_vfio_unmap_dma(c->fd, 0, iova, size, got);
+#ifdef HR_HAVE_IOMMUFD
+	return hr_iommufd_ioas_unmap(c->fd, c->ioas, iova, size, got);
+#else
+	*got = 0;
+	return -ENOSYS;
+#endif
 }
 
 /* Map [iova, iova+size) -> guest [gpa, ...) piece by piece into one
@@ -40,7 +75,7 @@ static int map_pieces(hr_relay *r, struct hr_container *c, uint64_t iova, uint64
 		if (rc < 0) {
 			uint64_t unmapped;
 			if (done)
-				hr_vfio_unmap_dma(c->fd, 0, iova, done, &unmapped);
+				c_unmap(c, iova, done, &unmapped);
 			return rc;
 		}
 		done += len;
@@ -95,7 +130,7 @@ int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_
 			/* Undo the containers already done: all agree again. */
 			for (uint32_t j = 0; j < i; j++) {
 				uint64_t unmapped;
-				hr_vfio_unmap_dma(d->cont[j]->fd, 0, vs, size, &unmapped);
+				c_unmap(d->cont[j], vs, size, &unmapped);
 			}
 			hr_table_remove_exact(d->table, vs, ve);
 			return kernel_failed(res, -rc, (int32_t)i);
@@ -199,8 +234,10 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 			struct hr_container *c = d->cont[i];
 			uint64_t got = 0;
 			/* One ioctl for the whole run: type1v2 removes every
-			 * vfio_dma inside it and reports the bytes it removed. */
-			rc = hr_vfio_unmap_dma(c->fd, 0, cv.first, cv.last - cv.first + 1, &got);
+			 * vfio_dma inside it, iommufd every area inside it
+			 * (none straddles: the table refused that), and both
+			 * report the bytes they removed. */
+			rc = c_unmap(c, cv.first, cv.last - cv.first + 1, &got);
 			if (rc < 0) {
 				for (uint32_t j = 0; j < i; j++) {
 					remap_covered(r, d->cont[j], d->table, vs, ve);

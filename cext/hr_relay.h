@@ -53,13 +53,22 @@ struct hr_result {
 	uint64_t got;      /* UNMAP mismatch: bytes the kernel reported */
 };
 
-/* One VFIO container (one group).  Counters are what the relay predicts the
- * kernel holds; tests compare them with the kernel's own view. */
+/* One host address space a domain's mappings go to: a VFIO type1
+ * container (one group), or an iommufd IOAS (any number of devices).
+ * Counters are what the relay predicts the kernel holds; tests compare them
+ * with the kernel's own view. */
+enum hr_container_kind {
+	HR_CONT_TYPE1 = 0, /* fd: the container; VFIO_IOMMU_(UN)MAP_DMA */
+	HR_CONT_IOAS = 1,  /* fd: the iommufd, ioas: the IOAS id; IOMMU_IOAS_(UN)MAP */
+};
+
 struct hr_container {
 	int32_t fd;
-	uint32_t avail;          /* vfio_dma entries left (DMA_AVAIL, tracked) */
-	uint64_t entries;        /* vfio_dma entries the relay created */
-	uint64_t charged;        /* bytes type1 charged to locked_vm for them */
+	uint32_t avail;          /* kernel entries left (type1 DMA_AVAIL, tracked; IOAS: no limit) */
+	uint64_t entries;        /* kernel entries the relay created (vfio_dma / iopt_area) */
+	uint64_t charged;        /* bytes the kernel charged to locked_vm for them */
+	uint32_t kind;           /* enum hr_container_kind */
+	uint32_t ioas;           /* HR_CONT_IOAS: the IOAS id */
 	/* Tests make its ioctls fail through hr_vfio_fail_next (hr_vfio.h). */
 };
 

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+import errno
 import logging
 from typing import Any
 
 from hostrelay.backends.fanout import FanOutAddressSpace
+from hostrelay.backends.iommufd import IoasSpace, IommufdAddressSpace, IommufdGroup, iommufd_usable
 from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.type1 import VfioBackend
 from hostrelay.dataplane.handle import DataPlane
 from hostrelay.dataplane.requests import Requests
 from hostrelay.dataplane.ring import Queues
 from hostrelay.dataplane.table import MappingTable
+from hostrelay.kernel.errors import VfioError
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Device, group_of
 from hostrelay.model.config import DEFAULT_PAGE_SIZE_MASK, DEFAULT_PROBE_SIZE, MAX_WRITABLE, ConfigSpace
 from hostrelay.model.control import MAX_READABLE
@@ -86,11 +89,21 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MAPPINGS = 1 << 20
 
 
-def host_iommu(backend: VfioBackend) -> HostIommu:
-    """What a type1 container reports, as the host-reality arithmetic takes it."""
+#: What ``backend=`` of :meth:`Relay.add_vfio_endpoint` accepts.
+VFIO_BACKENDS = ("type1", "iommufd", "auto")
+
+
+def host_iommu(backend: VfioBackend | IommufdGroup) -> HostIommu:
+    """What a type1 container or an iommufd group reports, as the host-reality arithmetic takes it."""
+    if isinstance(backend, IommufdGroup):
+        # iommufd maps any multiple of the IOMMU's smallest page, and reports
+        # the usable ranges of an IOAS the group is attached to.
+        page_sizes, ranges = backend.page_sizes, backend.iova_ranges
+    else:
+        page_sizes, ranges = backend.info.iova_pgsizes, backend.info.iova_ranges
     return HostIommu(
-        page_sizes=backend.info.iova_pgsizes,
-        iova_ranges=tuple((r.start, r.end) for r in backend.info.iova_ranges),
+        page_sizes=page_sizes,
+        iova_ranges=tuple((r.start, r.end) for r in ranges),
         reserved=tuple((r.start, r.end, r.is_msi) for r in backend.host_reserved),
     )
 
@@ -127,6 +140,12 @@ class Relay:
     ``event_limit``
         how many fault records wait for :meth:`pop_events` before new ones
         are dropped.
+    ``vfio_backend``
+        how :meth:`add_vfio_endpoint` opens a device when it is not told:
+        ``"type1"`` (a VFIO group in a type1 container, fanned out per
+        domain), ``"iommufd"`` (a VFIO device cdev attached to one IOAS per
+        domain) or ``"auto"`` (iommufd where ``/dev/iommu`` and the device's
+        cdev exist and this build has it, else type1).
 
     Host reality (VFIO): :meth:`add_vfio_endpoint` recomputes
     ``page_size_mask`` and ``input_range`` from the containers and gives the
@@ -153,7 +172,11 @@ class Relay:
         max_domains: int | None = None,
         max_mappings: int | None = DEFAULT_MAX_MAPPINGS,
         event_limit: int = DEFAULT_EVENT_LIMIT,
+        vfio_backend: str = "type1",
     ) -> None:
+        if vfio_backend not in VFIO_BACKENDS:
+            raise ValueError(f"vfio_backend must be one of {', '.join(VFIO_BACKENDS)}, not {vfio_backend!r}")
+        self.vfio_backend_default = vfio_backend
         self.memory = memory
         self._config = ConfigSpace(page_size_mask=page_size_mask, input_range=input_range,
                                    domain_range=domain_range, bypass=bypass, probe=probe,
@@ -165,7 +188,10 @@ class Relay:
         self._events = FaultLog(event_limit)
         self._dp = DataPlane(memory)
         self._lock = self._dp.lock
-        self._space = FanOutAddressSpace(self._report, lambda: self._dp.budget)
+        # Type1 containers and custom backends fan out; iommufd groups share
+        # one IOAS per domain (opened only once an iommufd endpoint is added).
+        self._space = IommufdAddressSpace(FanOutAddressSpace(self._report, lambda: self._dp.budget), memory,
+                                          self._report, self._dp.memlock_budget)  # fmt: skip
         self._topology = Topology(self._config, self._events, self._space, self._dp, MappingTable,
                                   max_domains=max_domains)  # fmt: skip
         self._requests = Requests(self._dp, self._config, self._topology, self._space)
@@ -174,6 +200,7 @@ class Relay:
         self._translator = Translator(self._config, self._topology, self._events, self._lock)
         # VFIO: one backend per host IOMMU group, and the device fds a VMM keeps open.
         self._vfio: dict[int, VfioBackend] = {}
+        self._iommufd: dict[int, IommufdGroup] = {}
         self._vfio_devices: dict[int, Device] = {}
         self._dp.configure(self._config, max_mappings)
         # The two hot doors become the parts' own bound methods, so a request
@@ -241,7 +268,7 @@ class Relay:
             if changed:
                 # The VFIO containers the relay opened and still has open; a
                 # VMM's own backends follow bypass only through ATTACH/DETACH.
-                self._topology.bypass_changed(self._vfio.values())
+                self._topology.bypass_changed([*self._vfio.values(), *self._iommufd.values()])
 
     # --- endpoints ------------------------------------------------------------
 
@@ -269,29 +296,43 @@ class Relay:
         endpoint_id: int,
         bdf: str,
         *,
+        backend: str | None = None,
         dev_root: Path | None = None,
         sysfs_root: Path | None = None,
     ) -> Device:
         """Declare a passed-through PCI function ``bdf`` as endpoint ``endpoint_id``.
 
-        Opens the function's VFIO group in its own type1v2 container, or
-        reuses the container when a sibling of the same group was added
-        already (a group moves as a unit), opens the device fd and keeps it
-        open as a VMM would (returned, and later :meth:`vfio_device`).
+        ``backend`` (default: the relay's ``vfio_backend``) says how:
+
+        - ``"type1"``: the function's VFIO group is opened in its own type1v2
+          container, or the container is reused when a sibling of the same
+          group was added already (a group moves as a unit); a domain's
+          MAP/UNMAP go to each of its groups' containers;
+        - ``"iommufd"``: the function's VFIO device cdev is opened and bound to
+          the relay's ``/dev/iommu``; a domain is one IOAS its devices are
+          attached to (one ioctl per MAP however many devices, pinned once,
+          a move between domains is one replace);
+        - ``"auto"``: iommufd where it is usable here, else type1.
+
+        The device fd stays open as a VMM would keep it (returned, and later
+        :meth:`vfio_device`).
 
         Host reality goes into the config: ``page_size_mask`` becomes the
-        intersection of every container's ``iova_pgsizes`` (further narrowed
-        by the configured mask where that keeps the granule), ``input_range``
-        the intersection of the configured range with the span of every
-        container's usable IOVA ranges, and the endpoint reports RESV_MEM for
-        its group's ``reserved_regions`` and for the holes between its
-        container's usable ranges (the MSI window as the MSI subtype).  Only
-        allowed before the driver looks at the config (first request,
-        :meth:`ack_features` or :meth:`set_queue`): raises :class:`RuntimeError`
-        afterwards.
+        intersection of every host IOMMU's page sizes (type1 ``iova_pgsizes``;
+        for iommufd every multiple of the IOAS alignment), further narrowed by
+        the configured mask where that keeps the granule, ``input_range`` the
+        intersection of the configured range with the span of every usable
+        IOVA range, and the endpoint reports RESV_MEM for its group's
+        ``reserved_regions`` and for the holes between its usable ranges (the
+        MSI window as the MSI subtype).  Only allowed before the driver looks
+        at the config (first request, :meth:`ack_features` or
+        :meth:`set_queue`): raises :class:`RuntimeError` afterwards.
         """
         dev_root = DEFAULT_DEV_ROOT if dev_root is None else dev_root
         sysfs_root = DEFAULT_SYSFS_ROOT if sysfs_root is None else sysfs_root
+        kind = self.vfio_backend_default if backend is None else backend
+        if kind not in VFIO_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(VFIO_BACKENDS)}, not {kind!r}")
         if not 0 <= endpoint_id <= U32_MAX:
             raise ValueError(f"endpoint id {endpoint_id} is not a u32")
         with self._lock:
@@ -300,30 +341,85 @@ class Relay:
             if endpoint_id in self._topology.endpoints:
                 raise ValueError(f"endpoint {endpoint_id:#x} already exists")
             group_id = group_of(bdf, sysfs_root)
-            backend = self._vfio.get(group_id)
-            new = backend is None
-            if backend is None:
-                backend = VfioBackend(self.memory, group_id, budget=self._dp.memlock_budget(),
-                                      dev_root=dev_root, sysfs_root=sysfs_root)  # fmt: skip
-            try:
-                backends = [*self._vfio.values(), backend] if new else list(self._vfio.values())
-                mask, input_range = self._reality.config([host_iommu(b) for b in backends])
-                regions = self._reality.regions(host_iommu(backend), input_range)
-                device = backend.open_device(bdf)
-                if new:
-                    # No domain exists before the freeze: the endpoint is
-                    # unattached and follows config bypass.
-                    backend.set_identity(self._config.bypass)
-            except BaseException:
-                if new:
-                    backend.close()
-                raise
-            self._vfio[group_id] = backend
-            self._vfio_devices[endpoint_id] = device
-            self._topology.add(Endpoint(endpoint_id, regions, backend))
-            self._config.set_host(mask, input_range)
+            if kind == "auto":
+                if group_id in self._vfio:
+                    kind = "type1"  # a group is opened one way (cdev and group fds exclude each other)
+                elif group_id in self._iommufd:
+                    kind = "iommufd"
+                else:
+                    kind = "iommufd" if iommufd_usable(bdf, dev_root=dev_root, sysfs_root=sysfs_root) is None else "type1"
+            if kind == "iommufd":
+                device = self._add_iommufd(endpoint_id, bdf, group_id, dev_root, sysfs_root)
+            else:
+                device = self._add_type1(endpoint_id, bdf, group_id, dev_root, sysfs_root)
             self._dp.configure(self._config, self._max_mappings)
             return device
+
+    def _hosts(self) -> list[HostIommu]:
+        opened: list[VfioBackend | IommufdGroup] = [*self._vfio.values(), *self._iommufd.values()]
+        return [host_iommu(b) for b in opened]
+
+    def _add_type1(self, endpoint_id: int, bdf: str, group_id: int, dev_root: Path, sysfs_root: Path) -> Device:
+        if group_id in self._iommufd:
+            raise ValueError(f"group {group_id} of {bdf} is open through iommufd: add its functions with backend='iommufd'")
+        backend = self._vfio.get(group_id)
+        new = backend is None
+        if backend is None:
+            backend = VfioBackend(self.memory, group_id, budget=self._dp.memlock_budget(),
+                                  dev_root=dev_root, sysfs_root=sysfs_root)  # fmt: skip
+        try:
+            hosts = [*self._hosts(), host_iommu(backend)] if new else self._hosts()
+            mask, input_range = self._reality.config(hosts)
+            regions = self._reality.regions(host_iommu(backend), input_range)
+            device = backend.open_device(bdf)
+            if new:
+                # No domain exists before the freeze: the endpoint is
+                # unattached and follows config bypass.
+                backend.set_identity(self._config.bypass)
+        except BaseException:
+            if new:
+                backend.close()
+            raise
+        self._vfio[group_id] = backend
+        self._vfio_devices[endpoint_id] = device
+        self._topology.add(Endpoint(endpoint_id, regions, backend))
+        self._config.set_host(mask, input_range)
+        return device
+
+    def _add_iommufd(self, endpoint_id: int, bdf: str, group_id: int, dev_root: Path, sysfs_root: Path) -> Device:
+        if group_id in self._vfio:
+            raise ValueError(f"group {group_id} of {bdf} is open in a type1 container: add its functions with backend='type1'")
+        why = iommufd_usable(bdf, dev_root=dev_root, sysfs_root=sysfs_root, iommu=self._space.iommu_path)
+        if why is not None:
+            raise VfioError(errno.ENODEV, "iommufd backend", path=bdf, hint=why)
+        group = self._iommufd.get(group_id)
+        new = group is None
+        if group is None:
+            group = self._space.add_group(group_id, dev_root=dev_root, sysfs_root=sysfs_root)
+        try:
+            device = group.open_device(bdf)  # the first device probes the IOMMU's ranges
+            hosts = [*self._hosts(), host_iommu(group)] if new else self._hosts()
+            mask, input_range = self._reality.config(hosts)
+            regions = self._reality.regions(host_iommu(group), input_range)
+            if new:
+                # Unattached: bypass -> the shared identity IOAS, else nothing.
+                self._space.follow(group, self._config.bypass)
+        except BaseException:
+            if new:
+                try:
+                    group.close()
+                finally:
+                    self._space.drop_group(group)
+            else:
+                dev = group.devices.pop(bdf, None)
+                if dev is not None:
+                    dev.close()
+            raise
+        self._iommufd[group_id] = group
+        self._vfio_devices[endpoint_id] = device
+        self._topology.add(Endpoint(endpoint_id, regions, group))
+        self._config.set_host(mask, input_range)
+        return device
 
     def vfio_device(self, endpoint_id: int) -> Device:
         """The open VFIO device fd of a VFIO endpoint (to drive its DMA)."""
@@ -335,6 +431,21 @@ class Relay:
         if not isinstance(b, VfioBackend):
             raise ValueError(f"endpoint {endpoint_id:#x} is not a VFIO endpoint")
         return b
+
+    def iommufd_group(self, endpoint_id: int) -> IommufdGroup:
+        """The iommufd backend of a VFIO endpoint added with ``backend="iommufd"`` (shared by its group)."""
+        b = self._topology.endpoint(endpoint_id).backend
+        if not isinstance(b, IommufdGroup):
+            raise ValueError(f"endpoint {endpoint_id:#x} is not an iommufd endpoint")
+        return b
+
+    def domain_ioas(self, domain_id: int) -> IoasSpace | None:
+        """The IOAS holding ``domain_id``'s mappings for its iommufd devices (``None``: it has none)."""
+        return self._space.domains.get(domain_id)
+
+    def bypass_ioas(self) -> IoasSpace | None:
+        """The identity IOAS shared by every iommufd endpoint in bypass (``None``: none is)."""
+        return self._space.identity
 
     def close(self) -> None:
         """Close every VFIO device, group and container (the kernel unpins everything).
@@ -349,7 +460,12 @@ class Relay:
                     b.close()
                 except OSError as exc:
                     log.warning("closing the container of group %d: %s", b.group_id, exc)
+            try:
+                self._space.close()
+            except OSError as exc:
+                log.warning("closing the iommufd devices: %s", exc)
             self._vfio.clear()
+            self._iommufd.clear()
             self._vfio_devices.clear()
 
     # --- inspection -------------------------------------------------------------
@@ -364,7 +480,10 @@ class Relay:
         container's own counters; ``bypass`` the identity maps.
         """
         with self._lock:
-            return self._dp.stats(list(self._topology.domains.values()), self._vfio)
+            out = self._dp.stats(list(self._topology.domains.values()), self._vfio)
+            if self._iommufd:
+                out["iommufd"] = self._space.stats()
+            return out
 
     def reserved_regions(self, endpoint_id: int) -> tuple[ResvMem, ...]:
         """The RESV_MEM regions PROBE reports for an endpoint."""

@@ -14,8 +14,11 @@ the reason, except under ``CI=true`` or ``HOSTRELAY_REQUIRE_VFIO=1``, where
 that is a failure: CI must run them.
 
 Marker: ``@pytest.mark.vfio(iommu=("intel", "virtio"), edu=1, nvme=0,
-bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False, iommufd=False)`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
-argument and is parametrized over them.
+bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False, iommufd=False,
+backend=("type1",))`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
+argument and is parametrized over them.  A test (or fixture) taking ``vfio_backend``
+is parametrized over ``backend`` (the relay's ``backend=`` for VFIO endpoints);
+its ``"iommufd"`` case runs in the iommufd kernel's boot (``iommufd=True``).
 """
 
 from __future__ import annotations
@@ -93,15 +96,24 @@ def group_key(item: pytest.Item) -> GroupKey:
         # allow_unsafe_interrupts=1 (Linux 6.12 vfio_iommu_type1).
         args = tuple(sorted(set(args) | {"vfio_iommu_type1.allow_unsafe_interrupts=1"}))
     kw = marker.kwargs
+    backend = callspec.params.get("vfio_backend") if callspec is not None else None
+    iommufd = bool(kw.get("iommufd", False)) or backend == "iommufd"
     return GroupKey(iommu, int(kw.get("edu", 1)), int(kw.get("nvme", 0)), int(kw.get("bridged_edu", 0)),
                     int(kw.get("hotplug_ports", 0)), tuple(sorted(args)), bool(kw.get("icount", False)),
-                    bool(kw.get("iommufd", False)))  # fmt: skip
+                    iommufd)  # fmt: skip
+
+
+def _marker_backends(marker: pytest.Mark) -> tuple[str, ...]:
+    backend = marker.kwargs.get("backend", ("type1",))
+    return (backend,) if isinstance(backend, str) else tuple(backend)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("vfio")
     if marker is not None and "vfio_iommu" in metafunc.fixturenames:
         metafunc.parametrize("vfio_iommu", _marker_iommus(marker))
+    if "vfio_backend" in metafunc.fixturenames:
+        metafunc.parametrize("vfio_backend", _marker_backends(marker) if marker is not None else ("type1",))
 
 
 # ---------------------------------------------------------------- guest side
@@ -273,6 +285,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             key = group_key(item)
             if flavour and key.iommu != flavour:
                 item.add_marker(pytest.mark.skip(reason=f"needs the {key.iommu} testbed, this is {flavour}"))
+            elif key.iommufd and not Path("/dev/iommu").exists():
+                item.add_marker(pytest.mark.skip(reason="needs a kernel with IOMMUFD (/dev/iommu): testbed run --iommufd"))
             elif not flavour and key.iommu != "intel" and "vfio_iommu" in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.skip(reason=f"the {key.iommu} IOMMU flavour exists only in the testbed"))
         return

@@ -137,6 +137,11 @@ class FanOutAddressSpace:
         except Exception as exc:
             self.report(backend, exc, "bypass identity map" if bypass else "bypass identity unmap", 0, write=True)
 
+    @staticmethod
+    def targets(domain: Domain) -> tuple[Backend, ...]:
+        """Every container of the domain's endpoints holds all of its mappings."""
+        return domain.backends
+
     # --- MAP and UNMAP for domains with a custom backend ------------------------------
 
     def map(self, domain: Domain, mapping: Mapping, commit: Callable[[], None] = lambda: None) -> None:
@@ -148,7 +153,7 @@ class FanOutAddressSpace:
             # then the memlock charge of all of them together, since type1
             # charges one process counter.
             charge = 0
-            for b in domain.backends:
+            for b in domain.targets:
                 current = b
                 precheck = getattr(b, "precheck", None)
                 if precheck is not None:
@@ -157,7 +162,7 @@ class FanOutAddressSpace:
             budget = self.budget()
             if charge and budget is not None:
                 budget.check(charge)
-            for b in domain.backends:
+            for b in domain.targets:
                 current = b
                 b.map(mapping)
                 done.append(b)
@@ -170,7 +175,7 @@ class FanOutAddressSpace:
                     b.unmap([mapping])
                 except Exception:
                     log.exception("rollback of MAP %s failed", mapping)
-            for b in [current] if current is not None else domain.backends:
+            for b in [current] if current is not None else domain.targets:
                 self.report(b, exc, "MAP", mapping.start, write=bool(mapping.flags & MapFlag.WRITE))
             raise
 
@@ -183,7 +188,7 @@ class FanOutAddressSpace:
         """
         mismatch: UnmapMismatch | None = None
         done: list[Backend] = []
-        for b in domain.backends:
+        for b in domain.targets:
             try:
                 b.unmap(covered)
             except UnmapMismatch as exc:

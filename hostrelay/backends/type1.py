@@ -7,20 +7,12 @@ device fd is open (Linux >= 3.6 ``vfio_group_unset_container``) and a VMM
 keeps its device fds open; a guest domain therefore fans each MAP/UNMAP out to
 the containers of its endpoints (:mod:`hostrelay.backends.fanout`).
 
-What the backend adds over :class:`~hostrelay.kernel.vfio.Container`:
-
-- GPA → host VA through :class:`~hostrelay.backends.memory.GuestMemory`: one guest
-  mapping becomes one ``VFIO_IOMMU_MAP_DMA`` per region piece, exactly its
-  range (no power-of-two splitting); a GPA that is not guest RAM is refused.
-- Limits checked *before* the ioctl, so a refusal leaves nothing half-done:
-  the container's ``vfio_dma`` entries against DMA_AVAIL as read at open
-  (``dma_entry_limit``, Linux >= 5.10 reports it), and the bytes type1 will
-  charge to ``RLIMIT_MEMLOCK`` (:class:`MemlockBudget`).
-- UNMAP per contiguous run of mappings, verifying the kernel's unmapped byte
-  count (type1v2 copies the removed size back, Linux >= 3.x).
-- Identity map of guest RAM (IOVA = GPA) while the group is in bypass.
-- Counters (entries, kernel-charged bytes) per container, kept in C
-  (``struct hr_container``) where the data plane checks and updates them.
+What the backend adds over :class:`~hostrelay.kernel.vfio.Container` is
+:class:`~hostrelay.backends.space.MappedSpace`'s (pieces per RAM region,
+limits before the ioctl, verified UNMAP runs, the bypass identity map, C
+counters), with ``VFIO_IOMMU_MAP_DMA``/``UNMAP_DMA`` as the kernel calls, and
+the container's own limit: ``vfio_dma`` entries against DMA_AVAIL as read at
+open (``dma_entry_limit``, Linux >= 5.10 reports it).
 
 Accounting rules relied on (Linux 6.12 ``drivers/vfio/vfio_iommu_type1.c``):
 ``vfio_dma_do_map`` records ``dma->lock_cap = capable(CAP_IPC_LOCK)``;
@@ -36,17 +28,15 @@ from __future__ import annotations
 import errno
 import logging
 import resource
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hostrelay._native import ffi, lib
-from hostrelay.model.mapping import Mapping
 from hostrelay.kernel.errors import VfioError
 from hostrelay.backends.memory import GuestMemory
-from hostrelay.model.wire import MapFlag
-from hostrelay.model.status import InvalidRequest, NoResources, UnmapMismatch
+from hostrelay.backends.space import MappedSpace
+from hostrelay.model.status import NoResources, UnmapMismatch
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Container, Device, Group, IommuInfo, close_all
 
 __all__ = [
@@ -68,7 +58,6 @@ CAP_IPC_LOCK = 14  # include/uapi/linux/capability.h
 # What QEMU assumes when the kernel has no DMA_AVAIL capability (< 5.10):
 # the default of vfio_iommu_type1.dma_entry_limit (U16_MAX).
 DEFAULT_DMA_ENTRY_LIMIT = 65535
-_RW = int(MapFlag.READ | MapFlag.WRITE)
 
 
 # --- process-wide facts -------------------------------------------------------
@@ -179,16 +168,7 @@ def read_reserved_regions(group_id: int, sysfs_root: Path = DEFAULT_SYSFS_ROOT) 
 # --- the backend ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    """One ``vfio_dma``: a guest mapping's part that lies in one RAM region."""
-
-    iova: int
-    hva: int
-    size: int
-
-
-class VfioBackend:
+class VfioBackend(MappedSpace):
     """The container of one VFIO group, driven by the relay's domains.
 
     ``map``/``unmap`` either fully succeed or raise leaving the container and
@@ -236,9 +216,10 @@ class VfioBackend:
         self.c = ffi.new("struct hr_container *")
         self.c.fd = self.container.fd
         self.c.avail = self.entry_limit
+        self.label = f"group {group_id}"
         self.host_reserved = read_reserved_regions(group_id, sysfs_root)
         self.devices: dict[str, Device] = {}
-        self._identity: list[_Piece] | None = None  # None: no identity map
+        self._identity = None  # no identity map
 
     # -- devices -------------------------------------------------------------
     def open_device(self, bdf: str) -> Device:
@@ -248,16 +229,6 @@ class VfioBackend:
             dev = self.group.device(bdf)
             self.devices[bdf] = dev
         return dev
-
-    @property
-    def entries(self) -> int:
-        """Live vfio_dma objects this backend created."""
-        return int(self.c.entries)
-
-    @property
-    def charged(self) -> int:
-        """Bytes type1 charged to RLIMIT_MEMLOCK for them."""
-        return int(self.c.charged)
 
     def close(self) -> None:
         """Close devices, group and container (type1 then unpins everything).
@@ -272,172 +243,18 @@ class VfioBackend:
         self._identity = None
         self.container.close()
 
-    # -- planning (no side effects) ---------------------------------------------
-    def _pieces(self, mapping: Mapping) -> list[_Piece]:
-        if not mapping.flags & _RW:
-            # type1 refuses a mapping with neither READ nor WRITE (EINVAL);
-            # such a guest mapping grants no access, so the kernel is not told.
-            return []
-        # GuestAddressError (→ FAULT) if any byte is not guest RAM: never mapped.
-        spans = self.memory.spans(mapping.phys, mapping.size)
-        pieces = [_Piece(mapping.start + (s.gpa - mapping.phys), s.hva, s.size) for s in spans]
-        for p in pieces:
-            if not self.info.in_ranges(p.iova, p.size):
-                raise InvalidRequest(
-                    f"IOVA [{p.iova:#x}, {p.iova + p.size - 1:#x}] is outside the usable IOVA ranges "
-                    f"of group {self.group_id}"
-                )
-        return pieces
+    # -- the kernel calls MappedSpace is built on ------------------------------------
+    def _kmap(self, iova: int, size: int, hva: int, *, read: bool, write: bool) -> None:
+        self.container.map_dma(iova, size, hva, read=read, write=write)
 
-    def precheck(self, mapping: Mapping) -> int:
-        """Refuse ``mapping`` now if it cannot be mapped; return its memlock charge.
+    def _kunmap(self, iova: int, size: int) -> int:
+        return self.container.unmap_dma(iova, size)
 
-        Checks guest RAM, the usable IOVA ranges and the entry budget; the
-        caller checks the summed charge of every container against
-        :class:`MemlockBudget` (the kernel's limit is process-wide).
-        """
-        pieces = self._pieces(mapping)
-        self._check_entries(len(pieces))
-        return sum(p.size for p in pieces)
+    def _in_ranges(self, iova: int, size: int) -> bool:
+        return self.info.in_ranges(iova, size)
 
-    def _check_entries(self, n: int) -> None:
-        if n and self.entries + n > self.entry_limit:
-            raise NoResources(
-                f"group {self.group_id}: {self.entries} of {self.entry_limit} DMA entries in use, "
-                f"{n} more needed (vfio_iommu_type1.dma_entry_limit)"
-            )
-
-    # -- the Backend protocol ---------------------------------------------------
-    def map(self, mapping: Mapping) -> None:
-        """One ``VFIO_IOMMU_MAP_DMA`` per RAM piece of ``mapping``; all or nothing."""
-        pieces = self._pieces(mapping)
-        if not pieces:
-            return
-        charge = sum(p.size for p in pieces)
-        self._check_entries(len(pieces))
-        self.budget.check(charge)
-        self._map_pieces(pieces, read=bool(mapping.flags & MapFlag.READ), write=bool(mapping.flags & MapFlag.WRITE))
-
-    def _map_pieces(self, pieces: Sequence[_Piece], *, read: bool, write: bool) -> None:
-        done: list[_Piece] = []
-        try:
-            for p in pieces:
-                self.container.map_dma(p.iova, p.size, p.hva, read=read, write=write)
-                done.append(p)
-        except BaseException:
-            for p in reversed(done):
-                try:
-                    self.container.unmap_dma(p.iova, p.size)
-                except Exception:
-                    log.exception("group %d: rollback of piece %#x+%#x failed", self.group_id, p.iova, p.size)
-            raise
-        self._account(len(pieces), sum(p.size for p in pieces))
-
-    def _account(self, entries: int, charged: int) -> None:
-        self.budget.account(self.c, entries, charged)
-
-    def unmap(self, mappings: Sequence[Mapping]) -> None:
-        """Remove exactly ``mappings``: one ``VFIO_IOMMU_UNMAP_DMA`` per contiguous run.
-
-        Each run's unmapped byte count must equal what the mappings put in the
-        kernel.  A kernel error rolls the earlier runs back (re-maps them);
-        a count mismatch raises :class:`UnmapMismatch` after logging it.
-        """
-        runs = self._runs(mappings)
-        done: list[list[Mapping]] = []
-        mismatch: UnmapMismatch | None = None
-        for run in runs:
-            start, end = run[0].start, run[-1].end
-            plan = [self._pieces(m) for m in run]
-            expected = sum(p.size for ps in plan for p in ps)
-            n = sum(len(ps) for ps in plan)
-            if n == 0:
-                done.append(run)
-                continue
-            try:
-                got = self.container.unmap_dma(start, end - start + 1)
-            except BaseException:
-                self._remap(done)
-                raise
-            self._account(-n, -got)
-            if got != expected:
-                log.error(
-                    "group %d: UNMAP [%#x, %#x] removed %#x bytes, the table expected %#x",
-                    self.group_id, start, end, got, expected,
-                )
-                # Keep going: the caller removes every mapping from its table.
-                mismatch = UnmapMismatch(
-                    f"group {self.group_id}: kernel unmapped {got:#x} bytes of [{start:#x}, {end:#x}], "
-                    f"expected {expected:#x}"
-                )
-            done.append(run)
-        if mismatch is not None:
-            raise mismatch
-
-    def _remap(self, runs: Iterable[list[Mapping]]) -> None:
-        for run in runs:
-            for m in run:
-                try:
-                    self.map(m)
-                except Exception:
-                    log.exception("group %d: rollback re-map of %s failed", self.group_id, m)
-
-    @staticmethod
-    def _runs(mappings: Sequence[Mapping]) -> list[list[Mapping]]:
-        ordered = sorted(mappings, key=lambda m: m.start)
-        runs: list[list[Mapping]] = []
-        for m in ordered:
-            if runs and runs[-1][-1].end + 1 == m.start:
-                runs[-1].append(m)
-            else:
-                runs.append([m])
-        return runs
-
-    # -- bypass ------------------------------------------------------------------
-    @property
-    def identity_mapped(self) -> bool:
-        """True while guest RAM is identity-mapped (the group is in bypass)."""
-        return self._identity is not None
-
-    def identity_pieces(self) -> list[tuple[int, int]]:
-        """``(gpa, size)`` of each identity-mapped piece (empty when off)."""
-        return [(p.iova, p.size) for p in self._identity or ()]
-
-    def _identity_plan(self) -> list[_Piece]:
-        # Guest RAM clipped to the usable IOVA ranges: RAM under a reserved
-        # window (MSI doorbell, RMRR) cannot be reached by DMA on real
-        # hardware either.
-        ranges = [(r.start, r.end) for r in self.info.iova_ranges] or [(0, (1 << 64) - 1)]
-        out = []
-        for region in self.memory.regions:
-            for lo, hi in ranges:
-                s, e = max(lo, region.gpa), min(hi, region.end)
-                if s <= e:
-                    out.append(_Piece(s, region.hva + (s - region.gpa), e - s + 1))
-        return sorted(out, key=lambda p: p.iova)
-
-    def set_identity(self, on: bool) -> None:
-        """Map guest RAM at IOVA = GPA (``on``) or remove that map; idempotent, all or nothing."""
-        if on == (self._identity is not None):
-            return
-        if on:
-            pieces = self._identity_plan()
-            self._check_entries(len(pieces))
-            self.budget.check(sum(p.size for p in pieces))
-            self._map_pieces(pieces, read=True, write=True)
-            self._identity = pieces
-            return
-        pieces = self._identity or []
-        for i, p in enumerate(pieces):
-            try:
-                got = self.container.unmap_dma(p.iova, p.size)
-            except BaseException:
-                self._map_pieces(pieces[:i], read=True, write=True)  # back to fully mapped
-                raise
-            self._account(-1, -got)
-            if got != p.size:
-                log.error("group %d: identity UNMAP of %#x+%#x removed %#x bytes", self.group_id, p.iova, p.size, got)
-        self._identity = None
+    def _usable(self) -> list[tuple[int, int]]:
+        return [(r.start, r.end) for r in self.info.iova_ranges]
 
     # -- inspection ----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

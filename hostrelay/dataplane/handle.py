@@ -156,11 +156,11 @@ class DataPlane:
         """Mirror a domain's reserved regions and containers into C."""
         pairs = [v for r in domain.resv for v in (r.start, r.end)]
         lib.hr_relay_domain_set_resv(self.c, domain.id, ffi.new("uint64_t[]", pairs or [0]), len(domain.resv))
-        custom = not all(is_native(b) for b in domain.backends)
+        custom = not all(is_native(b) for b in domain.targets)
         lib.hr_relay_domain_set_custom(self.c, domain.id, int(custom))
         # Every container C can account for, even in a custom domain (where
         # C only checks and the caller fans out): the stats read them.
-        counted = [b.c for b in domain.backends if isinstance(b, VfioBackend)]
+        counted = [c for c in (getattr(b, "c", None) for b in domain.targets) if c is not None]
         lib.hr_relay_domain_set_containers(self.c, domain.id, ffi.new("struct hr_container *[]", counted or [ffi.NULL]),
                                            len(counted))  # fmt: skip
 
@@ -184,7 +184,9 @@ class DataPlane:
                 "not what the table held; every container and the table now hold none of it"
             )
         else:
-            exc = vfio_error(int(res.err), f"VFIO_IOMMU_{what}_DMA", iova=int(res.iova), size=int(res.size))
+            c = getattr(b, "c", None)
+            op = f"IOMMU_IOAS_{what}" if c is not None and c.kind == lib.HR_CONT_IOAS else f"VFIO_IOMMU_{what}_DMA"
+            exc = vfio_error(int(res.err), op, iova=int(res.iova), size=int(res.size))
         return b, exc, what, int(res.iova)
 
     def stats(self, domains: list[Domain], vfio: dict[int, VfioBackend]) -> dict[str, Any]:
@@ -192,7 +194,7 @@ class DataPlane:
         mapped = ffi.new("uint64_t *")
         per_domain: dict[int, dict[str, int]] = {}
         for dom in domains:
-            n_vfio = sum(1 for b in dom.backends if isinstance(b, VfioBackend))
+            n_vfio = sum(1 for b in dom.targets if getattr(b, "c", None) is not None)
             pinned = int(lib.hr_relay_pinned(self.c, dom.id, ffi.NULL, 0, mapped))
             per_domain[dom.id] = {
                 "mappings": len(dom.table),

@@ -82,7 +82,7 @@ class Requests:
     def report_failure(self, res: Any) -> None:
         """Log a kernel failure the C data plane reported and queue its fault events."""
         dom = self.topology.domains.get(int(res.domain))
-        native = [b for b in dom.backends if is_native(b)] if dom is not None else []
+        native = [b for b in dom.targets if is_native(b)] if dom is not None else []
         b, exc, what, iova = self.dp.failure(res, native)
         if b is not None:
             self.topology.report(b, exc, what, iova, write=True)
@@ -135,7 +135,7 @@ class Requests:
         vs, ve = req.virt_start, req.virt_end
         dom = self.topology.domains[req.domain]
         table = self._table(dom)
-        if dom.backends and table.check_range(vs, ve):
+        if dom.targets and table.check_range(vs, ve):
             # Straddles were refused by check_range (D-32) before any backend
             # is touched; then each backend drops exactly the covered mappings.
             covered = table.covered(vs, ve)

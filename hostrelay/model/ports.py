@@ -86,14 +86,22 @@ class HostAddressSpace(Protocol):
     def settle(self, backend: Backend, bypass: bool) -> None:
         """An unattached ``backend`` follows config ``bypass``; a failure is reported, not raised."""
 
+    def targets(self, domain: Domain) -> tuple[Backend, ...]:
+        """Where ``domain``'s MAP and UNMAP go, given its members' backends now.
+
+        One entry per host address space that holds the domain's mappings:
+        each type1 container of its groups, but a single IOAS for every
+        iommufd device of it.  :meth:`map` and :meth:`unmap` (and the C data
+        plane, through :class:`DomainMirror`) serve exactly these."""
+
     def map(self, domain: Domain, mapping: Mapping, commit: Callable[[], None] = ...) -> None:
-        """MAP into every backend of ``domain``, then ``commit`` (the table insert); all or none.
+        """MAP into every target of ``domain``, then ``commit`` (the table insert); all or none.
 
         Only for domains the C data plane does not serve itself (see
         :class:`DomainMirror`)."""
 
     def unmap(self, domain: Domain, covered: Sequence[Mapping], address: int) -> None:
-        """UNMAP exactly ``covered`` from every backend of ``domain``, all or none.
+        """UNMAP exactly ``covered`` from every target of ``domain``, all or none.
 
         A kernel that unmapped other than ``covered`` raises
         :class:`~hostrelay.model.status.DeviceFailure` after every backend has

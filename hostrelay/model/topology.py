@@ -41,7 +41,7 @@ class Endpoint:
 class Domain:
     """A guest domain: its endpoints, its table, and what derives from them."""
 
-    __slots__ = ("id", "bypass", "table", "endpoints", "resv", "backends")
+    __slots__ = ("id", "bypass", "table", "endpoints", "resv", "backends", "targets")
 
     def __init__(self, domain_id: int, bypass: bool, table: DomainTable) -> None:
         self.id = domain_id
@@ -52,6 +52,10 @@ class Domain:
         # pay nothing for them.
         self.resv: tuple[ResvMem, ...] = ()
         self.backends: tuple[Backend, ...] = ()
+        # Where MAP and UNMAP go: the host address spaces holding the
+        # domain's mappings (one per type1 container, a single IOAS for all
+        # of its iommufd devices); the HostAddressSpace says which.
+        self.targets: tuple[Backend, ...] = ()
 
     def has_backend(self, backend: Backend) -> bool:
         """True if ``backend`` already serves an endpoint of this domain."""
@@ -186,6 +190,7 @@ class Topology:
 
     def _refresh(self, dom: Domain) -> None:
         dom.refresh()
+        dom.targets = self.space.targets(dom)
         self.mirror.update(dom)
 
     def attached_domains(self, backend: Backend) -> list[Domain]:
