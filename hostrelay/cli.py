@@ -26,7 +26,10 @@ def main() -> None:
 @click.option("--iommu", type=click.Choice(["intel", "virtio"]), default="intel", show_default=True,
               help="Testbed IOMMU flavour.")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds before the testbed is killed.")
-def demo_cmd(devices: tuple[str, ...], iommu: str, timeout: float) -> None:
+@click.option("--backend", type=click.Choice(["type1", "iommufd", "auto"]), default="type1", show_default=True,
+              help="How the relay drives VFIO: a type1 container per group, or one iommufd IOAS per domain "
+                   "(the testbed then boots its iommufd kernel).")
+def demo_cmd(devices: tuple[str, ...], iommu: str, timeout: float, backend: str) -> None:
     """The main job: a guest's virtio-iommu session relayed to a real IOMMU.
 
     With no arguments it boots the built-in testbed and, inside it, binds an
@@ -40,7 +43,7 @@ def demo_cmd(devices: tuple[str, ...], iommu: str, timeout: float) -> None:
     from hostrelay import demo
 
     if devices or os.environ.get("HOSTRELAY_TESTBED"):
-        sys.exit(demo.main([a for d in devices for a in ("--device", d)]))
+        sys.exit(demo.main([*(a for d in devices for a in ("--device", d)), "--backend", backend]))
     from hostrelay.testbed import TestbedSetupError
 
     def out(text: str) -> None:
@@ -48,7 +51,8 @@ def demo_cmd(devices: tuple[str, ...], iommu: str, timeout: float) -> None:
         sys.stdout.flush()
 
     try:
-        sys.exit(demo.launch(timeout=timeout, iommu=iommu, out=out, log=lambda t: click.echo(t, err=True)))
+        sys.exit(demo.launch(timeout=timeout, iommu=iommu, out=out, log=lambda t: click.echo(t, err=True),
+                             backend=backend))  # fmt: skip
     except TestbedSetupError as exc:
         click.echo(f"hostrelay demo: {exc}", err=True)
         sys.exit(1)

@@ -213,8 +213,9 @@ def nvme_session(demo: Demo, relay: Relay, memory: GuestMemory, guest: GuestDriv
         demo.check("domain 2 is gone", 2 not in relay.domain_ids())
 
 
-def run_session(demo: Demo, edu_bdf: str | None, nvme_bdf: str | None, *, bind: bool = True) -> int:
-    """The whole guest session over the devices given; returns the exit status."""
+def run_session(demo: Demo, edu_bdf: str | None, nvme_bdf: str | None, *, bind: bool = True,
+                backend: str = "type1") -> int:  # fmt: skip
+    """The whole guest session over the devices given (VFIO ``backend``); returns the exit status."""
     addresses = [a for a in (edu_bdf, nvme_bdf) if a]
     if not addresses:
         demo.say("no device to drive: hostrelay demo knows QEMU's edu (1234:11e8) and NVMe controllers")
@@ -224,9 +225,9 @@ def run_session(demo: Demo, edu_bdf: str | None, nvme_bdf: str | None, *, bind: 
             return 1
     with GuestMemory() as memory:
         memory.add_region(0, RAM)
-        relay = Relay(memory, bypass=False)
+        relay = Relay(memory, bypass=False, vfio_backend=backend)
         try:
-            with demo.step("Build the relay over memfd guest memory"):
+            with demo.step(f"Build the relay over memfd guest memory ({backend} backend)"):
                 if edu_bdf:
                     relay.add_vfio_endpoint(EP_EDU, edu_bdf)
                 if nvme_bdf:
@@ -234,11 +235,25 @@ def run_session(demo: Demo, edu_bdf: str | None, nvme_bdf: str | None, *, bind: 
                 cfg = relay.config()
                 demo.say(f"      guest RAM {RAM >> 20} MiB (memfd); page_size_mask {cfg.page_size_mask:#x}; "
                          f"input_range [{cfg.input_start:#x}, {cfg.input_end:#x}]")  # fmt: skip
+                for ep, bdf in ((EP_EDU, edu_bdf), (EP_NVME, nvme_bdf)):
+                    if bdf:
+                        demo.say(f"      {bdf}: {_opened_as(relay, ep)}")
                 guest = GuestDriver(relay, memory, demo)
             if edu_bdf:
                 edu_session(demo, relay, memory, guest, edu_bdf)
             if nvme_bdf:
                 nvme_session(demo, relay, memory, guest, nvme_bdf)
+            if edu_bdf and backend == "iommufd":
+                with demo.step("Move the edu to domain 3 and back: each move is one replace of its IOAS attachment"):
+                    demo.check("ATTACH the edu to domain 3 OK", guest.send(AttachRequest(3, EP_EDU))[0] == Status.OK)
+                    demo.check("MAP in domain 3 OK", guest.send(MapRequest(3, EDU_IOVA, EDU_IOVA + PAGE - 1, EDU_GPA, RW))[0] == Status.OK)
+                    ioas = relay.domain_ioas(3)
+                    demo.say(f"      domain 3 is IOAS {ioas.ioas.id if ioas else '-'}; the edu is on page table "
+                             f"{relay.iommufd_group(EP_EDU).pt_ids}")  # fmt: skip
+                    demo.check("domain 3's mapping is in its IOAS", ioas is not None and ioas.entries == 1)
+                    demo.check("DETACH from domain 3 OK", guest.send(DetachRequest(3, EP_EDU))[0] == Status.OK)
+                    demo.check("domain 3's IOAS is gone with its last device", relay.domain_ioas(3) is None)
+                    demo.check("back in domain 1", guest.send(AttachRequest(1, EP_EDU))[0] == Status.OK)
             if edu_bdf:
                 with demo.step("DETACH the edu from domain 1"):
                     demo.check("DETACH OK", guest.send(DetachRequest(1, EP_EDU))[0] == Status.OK)
@@ -249,6 +264,15 @@ def run_session(demo: Demo, edu_bdf: str | None, nvme_bdf: str | None, *, bind: 
     failed = [what for what, ok in demo.checks if not ok]
     demo.say(f"\n{len(demo.checks) - len(failed)} of {len(demo.checks)} checks passed" + (": FAILED" if failed else ""))
     return 1 if failed else 0
+
+
+def _opened_as(relay: Relay, endpoint: int) -> str:
+    dev = relay.vfio_device(endpoint)
+    cdev = getattr(dev, "cdev", None)
+    if cdev is not None:
+        return f"VFIO device cdev {cdev}, bound to /dev/iommu (one IOAS per domain)"
+    group = dev.group
+    return f"VFIO group {group.path if group is not None else '?'} in its own type1 container"
 
 
 def _kind(bdf: str) -> str:
@@ -269,6 +293,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m hostrelay.demo")
     ap.add_argument("--device", action="append", default=[], help="PCI address of an edu or NVMe function")
+    ap.add_argument("--backend", choices=("type1", "iommufd", "auto"), default="type1",
+                    help="how the relay drives VFIO (see Relay.add_vfio_endpoint)")
     args = ap.parse_args(argv)
     demo = Demo(out)
     edu: str | None = None
@@ -288,16 +314,23 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
         nvmes = find_pci(0x1B36, 0x0010, class_prefix=CLASS_NVME >> 8)
         edu = edus[0] if edus else None
         nvme = nvmes[0] if nvmes else None
-    demo.say("hostrelay demo: a guest's virtio-iommu session relayed to the host IOMMU through VFIO")
-    return run_session(demo, edu, nvme)
+    demo.say(f"hostrelay demo: a guest's virtio-iommu session relayed to the host IOMMU through VFIO ({args.backend})")
+    return run_session(demo, edu, nvme, backend=args.backend)
 
 
-def launch(*, timeout: float, log: Callable[[str], None], out: Callable[[str], None], iommu: str = "intel") -> int:
-    """Boot the testbed and run the demo inside it (what ``hostrelay demo`` does)."""
+def launch(*, timeout: float, log: Callable[[str], None], out: Callable[[str], None], iommu: str = "intel",
+           backend: str = "type1") -> int:  # fmt: skip
+    """Boot the testbed and run the demo inside it (what ``hostrelay demo`` does).
+
+    ``backend="iommufd"`` boots the testbed's iommufd kernel (built on first use).
+    """
     from hostrelay.testbed import TestbedConfig, run
 
-    kernel_args = ("vfio_iommu_type1.allow_unsafe_interrupts=1",) if iommu == "virtio" else ()
-    result = run([sys.executable, "-m", "hostrelay.demo"], TestbedConfig(iommu=iommu, edu=1, nvme=1, kernel_args=kernel_args),
+    kernel_args: tuple[str, ...] = ("vfio_iommu_type1.allow_unsafe_interrupts=1",) if iommu == "virtio" else ()
+    if iommu == "virtio" and backend != "type1":
+        kernel_args += ("iommufd.allow_unsafe_interrupts=1",)
+    config = TestbedConfig(iommu=iommu, edu=1, nvme=1, kernel_args=kernel_args, iommufd=backend != "type1")
+    result = run([sys.executable, "-m", "hostrelay.demo", "--backend", backend], config,
                  timeout=timeout, on_output=out, log=log)  # fmt: skip
     return result.returncode
 

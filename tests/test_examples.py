@@ -69,3 +69,17 @@ def test_hostrelay_demo_end_to_end() -> None:
     assert "serial 'hostrelay-nvme0'" in out
     assert "16 of 16 checks passed" in out
     assert "booted in" in proc.stderr  # progress shown while booting
+
+
+@pytest.mark.vfio(edu=1, nvme=1, iommufd=True)
+def test_hostrelay_demo_on_the_iommufd_backend() -> None:
+    """``hostrelay testbed run --iommufd -- hostrelay demo --backend iommufd``: every check holds."""
+    proc = subprocess.run([sys.executable, "-m", "hostrelay.cli", "demo", "--backend", "iommufd"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
+    assert "VFIO device cdev /dev/vfio/devices/vfio" in out
+    assert "ok   the DMA did not land (the IOMMU blocked it)" in out
+    assert "serial 'hostrelay-nvme0'" in out
+    assert "ok   domain 3's IOAS is gone with its last device" in out
+    assert "22 of 22 checks passed" in out
