@@ -44,13 +44,14 @@ def send(r: Relay, req: AttachRequest | MapRequest | UnmapRequest) -> Status:
     return Status(r.handle_request(req.pack(), 4)[0])
 
 
-@pytest.mark.vfio(edu=0, nvme=1)
-def test_nvme_identify_through_relay_mappings(nvme_bdf: str, memory: GuestMemory) -> None:
+@pytest.mark.vfio(edu=0, nvme=1, backend=("type1", "iommufd"))
+def test_nvme_identify_through_relay_mappings(nvme_bdf: str, memory: GuestMemory, vfio_backend: str) -> None:
     from hostrelay.drivers.nvme import AdminQueues, Nvme, NvmeError
 
     r = Relay(memory, bypass=False)
     try:
-        device = r.add_vfio_endpoint(EP, nvme_bdf)
+        device = r.add_vfio_endpoint(EP, nvme_bdf, backend=vfio_backend)
+        assert (getattr(device, "cdev", None) is not None) == (vfio_backend == "iommufd")
         assert send(r, AttachRequest(1, EP)) == Status.OK
         for iova, gpa in GPA.items():
             assert send(r, MapRequest(1, iova, iova + PAGE - 1, gpa, RW)) == Status.OK
