@@ -1,5 +1,6 @@
 /* See hr_vfio.h.  Each wrapper is one ioctl (or close); -errno on failure. */
 #include "hr_vfio.h"
+#include "hr_hook.h"
 
 #include <errno.h>
 #include <string.h>
@@ -13,71 +14,51 @@ static inline int hr_ret(int rc)
 
 /* ------------------------------------------------------------ test hook */
 
-static struct {
-	uint32_t on;       /* the only word a wrapper reads: counting || mask */
-	uint32_t counting;
-	uint32_t mask;     /* operations the armed injection counts; 0 = disarmed */
-	uint32_t nth;      /* calls among them still to let through */
-	int err;
-	int failed_fd;
-	uint64_t calls[HR_VFIO_NOPS];
-} hook = { .failed_fd = -1 };
+/* The state and HOOK()/INJECT() are in hr_hook.h: hr_iommufd.c uses them too. */
+struct hr_hook hr_hook = { .failed_fd = -1 };
 
-/* noinline and cold: the wrappers are inlined into the data plane's
- * flattened request path (hr_relay_process, hr_relay_fast), which must only carry the test
- * of hook.on, not this. */
-static __attribute__((noinline, cold)) int hook_call(uint32_t op, int fd)
+int hr_hook_call(uint32_t op, int fd)
 {
-	if (hook.counting)
-		hook.calls[__builtin_ctz(op)]++;
-	if (!(hook.mask & op))
+	if (hr_hook.counting)
+		hr_hook.calls[__builtin_ctz(op)]++;
+	if (!(hr_hook.mask & op))
 		return 0;
-	if (hook.nth) {
-		hook.nth--;
+	if (hr_hook.nth) {
+		hr_hook.nth--;
 		return 0;
 	}
-	hook.mask = 0;
-	hook.on = hook.counting;
-	hook.failed_fd = fd;
-	return -hook.err;
+	hr_hook.mask = 0;
+	hr_hook.on = hr_hook.counting;
+	hr_hook.failed_fd = fd;
+	return -hr_hook.err;
 }
-
-/* 0, or the made-up -errno the wrapper must return instead of its ioctl. */
-#define HOOK(op, fd) (__builtin_expect(hook.on != 0, 0) ? hook_call((op), (fd)) : 0)
-/* A wrapper's first line: return the made-up -errno, if any, without the ioctl. */
-#define INJECT(op, fd)                          \
-	do {                                    \
-		int inj_ = HOOK((op), (fd));    \
-		if (inj_)                       \
-			return inj_;            \
-	} while (0)
 
 void hr_vfio_fail_next(uint32_t op_mask, uint32_t nth, int err)
 {
-	hook.mask = err > 0 ? op_mask & HR_VFIO_OP_ALL : 0;
-	hook.nth = nth;
-	hook.err = err;
-	hook.on = hook.counting | hook.mask;
+	hr_hook.mask = err > 0 ? op_mask & HR_VFIO_OP_ALL : 0;
+	hr_hook.nth = nth;
+	hr_hook.err = err;
+	hr_hook.on = hr_hook.counting | hr_hook.mask;
 }
 
 int hr_vfio_fail_pending(void)
 {
-	return hook.mask != 0;
+	return hr_hook.mask != 0;
 }
 
 int hr_vfio_fail_fd(void)
 {
-	return hook.failed_fd;
+	return hr_hook.failed_fd;
 }
 
 void hr_vfio_count_calls(int on)
 {
 	if (on) {
-		memset(hook.calls, 0, sizeof(hook.calls));
-		hook.failed_fd = -1;
+		memset(hr_hook.calls, 0, sizeof(hr_hook.calls));
+		hr_hook.failed_fd = -1;
 	}
-	hook.counting = !!on;
-	hook.on = hook.counting | hook.mask;
+	hr_hook.counting = !!on;
+	hr_hook.on = hr_hook.counting | hr_hook.mask;
 }
 
 uint64_t hr_vfio_call_count(uint32_t op_mask)
@@ -86,7 +67,7 @@ uint64_t hr_vfio_call_count(uint32_t op_mask)
 
 	for (int i = 0; i < HR_VFIO_NOPS; i++)
 		if (op_mask & (1u << i))
-			n += hook.calls[i];
+			n += hr_hook.calls[i];
 	return n;
 }
 

@@ -44,8 +44,9 @@ int hr_vfio_close(int fd);
 
 /* Test hook: kernel calls that fail on purpose, and a count of them.
  *
- * Each wrapper above is one operation (HR_VFIO_OP_*; the benchmark loop is
- * not one: it is the raw baseline).  hr_vfio_fail_next(mask, nth, err) arms
+ * Each wrapper above, and each iommufd wrapper of cext/iommufd/hr_iommufd.h,
+ * is one operation (HR_VFIO_OP_*; the benchmark loop is not one: it is the
+ * raw baseline).  hr_vfio_fail_next(mask, nth, err) arms
  * one injection: among the next calls of the operations in mask, the call
  * with index nth (0 = the very next one) returns -err without issuing its
  * ioctl, and the hook disarms itself.  HR_VFIO_OP_CLOSE is the exception:
@@ -76,9 +77,24 @@ enum hr_vfio_op {
 	HR_VFIO_OP_MAP_DMA = 1u << 11,
 	HR_VFIO_OP_UNMAP_DMA = 1u << 12,
 	HR_VFIO_OP_CLOSE = 1u << 13,
-	HR_VFIO_NOPS = 14,
-	HR_VFIO_OP_ALL = (1u << 14) - 1,
+	/* The iommufd wrappers (cext/iommufd/hr_iommufd.c).  Defined in every
+	 * build, with or without the iommufd uapi, so the numbering and
+	 * HR_VFIO_OP_ALL never depend on the headers found. */
+	HR_VFIO_OP_IOAS_ALLOC = 1u << 14,
+	HR_VFIO_OP_IOAS_MAP = 1u << 15,
+	HR_VFIO_OP_IOAS_UNMAP = 1u << 16,
+	HR_VFIO_OP_IOAS_COPY = 1u << 17,
+	HR_VFIO_OP_IOAS_IOVA_RANGES = 1u << 18,
+	HR_VFIO_OP_IOMMU_DESTROY = 1u << 19,
+	HR_VFIO_OP_DEVICE_BIND = 1u << 20,
+	HR_VFIO_OP_DEVICE_ATTACH = 1u << 21,
+	HR_VFIO_OP_DEVICE_DETACH = 1u << 22,
+	HR_VFIO_OP_GET_HW_INFO = 1u << 23,
+	HR_VFIO_OP_OPTION = 1u << 24,
+	HR_VFIO_NOPS = 25,
+	HR_VFIO_OP_ALL = (1u << 25) - 1,
 };
+_Static_assert(HR_VFIO_OP_OPTION == 1u << (HR_VFIO_NOPS - 1), "HR_VFIO_NOPS counts every operation");
 void hr_vfio_fail_next(uint32_t op_mask, uint32_t nth, int err);
 int hr_vfio_fail_pending(void);
 int hr_vfio_fail_fd(void);

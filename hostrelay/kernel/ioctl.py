@@ -10,7 +10,9 @@ Test hook: :func:`inject_failure` makes one chosen wrapper call fail with a
 chosen errno without reaching the kernel, and :func:`counting` /
 :func:`call_counts` count the calls per :class:`Op`.  Both act in C, under the
 Python functions here *and* under the C data plane's own MAP/UNMAP ioctls
-(cext/hr_fanout.c), so a test can fail any kernel call the relay makes.
+(cext/hr_fanout.c), and under the iommufd wrappers of
+:mod:`hostrelay.kernel.iommufd` (``Op.IOAS_MAP`` and the others), so a test
+can fail any kernel call the relay makes.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def close(fd: int, path: str | None = None) -> None:
 
 
 class Op(enum.IntFlag):
-    """The wrapper operations of cext/hr_vfio.c, as the test hook names them."""
+    """The wrapper operations of cext/hr_vfio.c and cext/iommufd/hr_iommufd.c, as the test hook names them."""
 
     GET_API_VERSION = lib.HR_VFIO_OP_GET_API_VERSION
     CHECK_EXTENSION = lib.HR_VFIO_OP_CHECK_EXTENSION
@@ -201,6 +203,19 @@ class Op(enum.IntFlag):
     MAP_DMA = lib.HR_VFIO_OP_MAP_DMA
     UNMAP_DMA = lib.HR_VFIO_OP_UNMAP_DMA
     CLOSE = lib.HR_VFIO_OP_CLOSE
+    # The iommufd wrappers (cext/iommufd/hr_iommufd.c, called by
+    # hostrelay.kernel.iommufd): members in every build, with or without them.
+    IOAS_ALLOC = lib.HR_VFIO_OP_IOAS_ALLOC
+    IOAS_MAP = lib.HR_VFIO_OP_IOAS_MAP
+    IOAS_UNMAP = lib.HR_VFIO_OP_IOAS_UNMAP
+    IOAS_COPY = lib.HR_VFIO_OP_IOAS_COPY
+    IOAS_IOVA_RANGES = lib.HR_VFIO_OP_IOAS_IOVA_RANGES
+    IOMMU_DESTROY = lib.HR_VFIO_OP_IOMMU_DESTROY
+    DEVICE_BIND = lib.HR_VFIO_OP_DEVICE_BIND
+    DEVICE_ATTACH = lib.HR_VFIO_OP_DEVICE_ATTACH
+    DEVICE_DETACH = lib.HR_VFIO_OP_DEVICE_DETACH
+    GET_HW_INFO = lib.HR_VFIO_OP_GET_HW_INFO
+    OPTION = lib.HR_VFIO_OP_OPTION
     ALL = lib.HR_VFIO_OP_ALL
 
 

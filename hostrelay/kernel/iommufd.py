@@ -25,7 +25,7 @@ from hostrelay._native import ffi, lib
 from hostrelay.kernel.errors import VfioError, vfio_error
 from hostrelay.kernel.vfio import DEFAULT_SYSFS_ROOT, Device, IovaRange
 
-__all__ = ["AVAILABLE", "DEFAULT_IOMMU", "Ioas", "Iommufd", "IommufdDevice", "cdev_of"]
+__all__ = ["AVAILABLE", "DEFAULT_IOMMU", "HwInfo", "Ioas", "Iommufd", "IommufdDevice", "cdev_of"]
 
 #: True if the extension was built with the iommufd uapi.
 AVAILABLE: bool = hasattr(lib, "hr_iommufd_ioas_alloc")
@@ -43,6 +43,35 @@ def _check(rc: int, op: str, *, fd: int, path: str | None = None, iova: int | No
            size: int | None = None) -> None:  # fmt: skip
     if rc < 0:
         raise vfio_error(-rc, op, path=path, fd=fd, iova=iova, size=size)
+
+
+def _option(fd: int, option_id: int, op: int, object_id: int, value: int = 0) -> int:
+    """One ``IOMMU_OPTION`` (Linux >= 6.2); the value the kernel wrote back."""
+    val = ffi.new("uint64_t *", value)
+    _check(lib.hr_iommufd_option(fd, option_id, op, object_id, val), "IOMMU_OPTION", fd=fd)
+    return int(val[0])
+
+
+@dataclass(frozen=True)
+class HwInfo:
+    """What ``IOMMU_GET_HW_INFO`` says about the IOMMU behind a bound device (Linux >= 6.6).
+
+    ``out_data_type`` is an ``IOMMU_HW_INFO_TYPE_*`` and ``out_capabilities``
+    the ``IOMMU_HW_CAP_*`` bits (Linux >= 6.7; 0 before).  For Intel VT-d
+    (``IOMMU_HW_INFO_TYPE_INTEL_VTD``) ``cap_reg`` and ``ecap_reg`` are the
+    unit's Capability and Extended Capability registers (VT-d spec 11.4.2 and
+    11.4.3); for any other type they are ``None``.
+    """
+
+    out_data_type: int
+    out_capabilities: int
+    cap_reg: int | None = None
+    ecap_reg: int | None = None
+
+    @property
+    def vtd(self) -> bool:
+        """True for an Intel VT-d unit (``IOMMU_HW_INFO_TYPE_INTEL_VTD``)."""
+        return self.out_data_type == int(lib.IOMMU_HW_INFO_TYPE_INTEL_VTD)
 
 
 def cdev_of(bdf: str, sysfs_root: Path = DEFAULT_SYSFS_ROOT) -> str:
@@ -67,6 +96,21 @@ class Iommufd:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise vfio_error(exc.errno or errno.EIO, "open", path=self.path) from None
+
+    def rlimit_mode(self) -> int:
+        """How this iommufd charges pinned pages to RLIMIT_MEMLOCK: 0 per user (the
+        default, ``user->locked_vm``), 1 per process (``mm->locked_vm``, as type1)."""
+        return _option(self.fd, lib.IOMMU_OPTION_RLIMIT_MODE, lib.IOMMU_OPTION_OP_GET, 0)
+
+    def set_rlimit_mode(self, per_process: bool) -> None:
+        """Choose the RLIMIT_MEMLOCK accounting of this iommufd (``IOMMU_OPTION_RLIMIT_MODE``).
+
+        The kernel wants CAP_SYS_RESOURCE (EPERM without) and an iommufd that
+        holds no object yet (EBUSY otherwise): set it before :meth:`ioas` or
+        binding a device (Linux >= 6.2, drivers/iommu/iommufd/ioas.c
+        iommufd_option_rlimit_mode).  It applies to this fd only.
+        """
+        _option(self.fd, lib.IOMMU_OPTION_RLIMIT_MODE, lib.IOMMU_OPTION_OP_SET, 0, 1 if per_process else 0)
 
     def ioas(self) -> Ioas:
         """A new, empty IOAS (``IOMMU_IOAS_ALLOC``)."""
@@ -124,6 +168,38 @@ class Ioas:
         n = min(int(num[0]), 64)
         return tuple(IovaRange(int(pairs[2 * i]), int(pairs[2 * i + 1])) for i in range(n)), int(align[0])
 
+    def copy_from(self, src: Ioas, src_iova: int, dst_iova: int, size: int, *, read: bool = True,
+                  write: bool = True) -> None:  # fmt: skip
+        """Map here at ``dst_iova`` (fixed) what ``src`` maps at ``[src_iova, src_iova + size)``
+        (``IOMMU_IOAS_COPY``, Linux >= 6.2).
+
+        The source range must be whole mappings of ``src`` (one ``map`` or
+        several adjacent ones, else ENOENT).  The copy shares the pages ``src``
+        pinned: they are neither pinned nor charged to RLIMIT_MEMLOCK again
+        (6.12 drivers/iommu/iommufd/ioas.c iommufd_ioas_copy takes the source
+        area's struct iopt_pages), where a second :meth:`map` of the same
+        memory would be.  Both IOASes must belong to the same :class:`Iommufd`.
+        """
+        if src.iommufd is not self.iommufd:
+            raise ValueError("IOMMU_IOAS_COPY works within one iommufd: the source IOAS is another fd's")
+        flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA
+        flags |= lib.IOMMU_IOAS_MAP_READABLE if read else 0
+        flags |= lib.IOMMU_IOAS_MAP_WRITEABLE if write else 0
+        fd = self.iommufd.fd
+        _check(lib.hr_iommufd_ioas_copy(fd, self.id, src.id, flags, src_iova, dst_iova, size), "IOMMU_IOAS_COPY",
+               fd=fd, iova=dst_iova, size=size)  # fmt: skip
+
+    def huge_pages(self) -> bool:
+        """Whether the kernel may map contiguous pages of this IOAS with larger IOMMU pages
+        (``IOMMU_OPTION_HUGE_PAGES``; on by default)."""
+        return bool(_option(self.iommufd.fd, lib.IOMMU_OPTION_HUGE_PAGES, lib.IOMMU_OPTION_OP_GET, self.id))
+
+    def set_huge_pages(self, on: bool) -> None:
+        """Allow (``True``) or forbid larger IOMMU pages for this IOAS; off, everything is
+        mapped PAGE_SIZE by PAGE_SIZE (Linux >= 6.2; turning it off may fail with EINVAL
+        while devices are attached, drivers/iommu/iommufd/io_pagetable.c iopt_disable_large_pages)."""
+        _option(self.iommufd.fd, lib.IOMMU_OPTION_HUGE_PAGES, lib.IOMMU_OPTION_OP_SET, self.id, 1 if on else 0)
+
     def destroy(self) -> None:
         """``IOMMU_DESTROY`` (EBUSY while a device is attached)."""
         fd = self.iommufd.fd
@@ -170,3 +246,22 @@ class IommufdDevice(Device):
         """The device reaches nothing (``VFIO_DEVICE_DETACH_IOMMUFD_PT``)."""
         _check(lib.hr_iommufd_device_detach(self.fd), "VFIO_DEVICE_DETACH_IOMMUFD_PT", fd=self.fd, path=self.cdev)
         self.pt_id = None
+
+    def hw_info(self) -> HwInfo:
+        """``IOMMU_GET_HW_INFO`` for this device (Linux >= 6.6): the IOMMU type behind it,
+        its generic capabilities and, for Intel VT-d, its capability registers."""
+        # 64 bytes, 8-aligned: more than any driver's data this decodes.  The
+        # kernel fills min(ours, its) bytes, zeroes the rest of the buffer and
+        # writes its own length back (drivers/iommu/iommufd/device.c).
+        buf = ffi.new("uint64_t[]", 8)
+        length = ffi.new("uint32_t *", 8 * 8)
+        kind = ffi.new("uint32_t *")
+        caps = ffi.new("uint64_t *")
+        fd = self.iommufd.fd
+        _check(lib.hr_iommufd_get_hw_info(fd, self.dev_id, buf, length, kind, caps), "IOMMU_GET_HW_INFO",
+               fd=fd, path=self.iommufd.path)  # fmt: skip
+        out_type, out_caps = int(kind[0]), int(caps[0])
+        if out_type == lib.IOMMU_HW_INFO_TYPE_INTEL_VTD and length[0] >= ffi.sizeof("struct iommu_hw_info_vtd"):
+            vtd = ffi.cast("struct iommu_hw_info_vtd *", buf)
+            return HwInfo(out_type, out_caps, int(vtd.cap_reg), int(vtd.ecap_reg))
+        return HwInfo(out_type, out_caps)
