@@ -118,6 +118,68 @@ int hr_vfio_unmap_dma(int fd, uint32_t flags, uint64_t iova, uint64_t size, uint
 	return 0;
 }
 
+#ifdef HR_HAVE_IOMMUFD
+#include "hr_iommufd.h"
+
+/* The IOAS of the fuzzed world (container FZ_IOAS_SLOT, its fd standing for
+ * the iommufd): IOMMU_IOAS_MAP/UNMAP as Linux 6.12 drivers/iommu/iommufd
+ * does them for a fixed IOVA.  No entry limit (iommufd has none); an unmap
+ * that would split an area, or that finds nothing, is ENOENT
+ * (iopt_unmap_iova_range). */
+int hr_iommufd_ioas_map(int fd, uint32_t ioas, uint32_t flags, uint64_t vaddr, uint64_t iova, uint64_t length)
+{
+	struct fk_container *c = fk_of(fd);
+	(void)vaddr;
+
+	if (!c || ioas != FZ_IOAS_ID)
+		return -ENOENT;
+	int rc = fk_injected();
+	if (rc)
+		return rc;
+	if (!(flags & IOMMU_IOAS_MAP_FIXED_IOVA) || !length || (length | iova) & 0xFFF || iova + length - 1 < iova)
+		return -EINVAL;
+	for (uint32_t i = 0; i < c->n; i++)
+		if (iova <= c->e[i].iova + c->e[i].size - 1 && c->e[i].iova <= iova + length - 1)
+			return -EEXIST;
+	if (c->n >= FK_MAX)
+		return -ENOMEM;
+	c->e[c->n++] = (struct fk_entry){ iova, length };
+	return 0;
+}
+
+int hr_iommufd_ioas_unmap(int fd, uint32_t ioas, uint64_t iova, uint64_t length, uint64_t *unmapped)
+{
+	struct fk_container *c = fk_of(fd);
+
+	*unmapped = 0;
+	if (!c || ioas != FZ_IOAS_ID)
+		return -ENOENT;
+	int rc = fk_injected();
+	if (rc)
+		return rc;
+	if (!length || (length | iova) & 0xFFF || iova + length - 1 < iova)
+		return -EINVAL;
+	uint64_t last = iova + length - 1, got = 0;
+	for (uint32_t i = 0; i < c->n; i++) {
+		uint64_t s = c->e[i].iova, e = s + c->e[i].size - 1;
+		if (s <= last && e >= iova && (s < iova || e > last))
+			return -ENOENT;
+	}
+	for (uint32_t i = 0; i < c->n;) {
+		if (c->e[i].iova >= iova && c->e[i].iova <= last) {
+			got += c->e[i].size;
+			c->e[i] = c->e[--c->n];
+		} else {
+			i++;
+		}
+	}
+	if (!got)
+		return -ENOENT;
+	*unmapped = got;
+	return 0;
+}
+#endif
+
 int hr_vfio_bench_map_unmap(int fd, uint64_t vaddr, uint64_t iova, uint64_t size, uint32_t count, uint32_t spread)
 {
 	(void)fd, (void)vaddr, (void)iova, (void)size, (void)count, (void)spread;
@@ -203,6 +265,11 @@ void fz_world_init(struct fz_world *w, uint32_t ncont, uint32_t entry_limit, uin
 	struct hr_container *list[FZ_NCONT];
 	for (uint32_t i = 0; i < FZ_NCONT; i++) {
 		w->cont[i] = (struct hr_container){ .fd = FZ_FD0 + (int)i, .avail = fk_limit };
+#ifdef HR_HAVE_IOMMUFD
+		if (i == FZ_IOAS_SLOT) /* an IOAS beside the type1 containers: no entry limit */
+			w->cont[i] = (struct hr_container){ .fd = FZ_FD0 + (int)i, .avail = UINT32_MAX,
+							    .kind = HR_CONT_IOAS, .ioas = FZ_IOAS_ID };
+#endif
 		list[i] = &w->cont[i];
 	}
 	FZ_ASSERT(hr_relay_domain_set_containers(w->relay, 2, list, w->ncont) == 0);
@@ -252,7 +319,7 @@ void fz_world_check(const struct fz_world *w)
 		int fd = FZ_FD0 + (int)i;
 		FZ_ASSERT(c->entries == fk_entries(fd));
 		FZ_ASSERT(c->charged == fk_bytes(fd));
-		FZ_ASSERT(c->avail + c->entries == fk_limit);
+		FZ_ASSERT(c->avail + c->entries == (c->kind == HR_CONT_IOAS ? UINT32_MAX : fk_limit));
 		if (i < w->ncont)
 			FZ_ASSERT(fk_matches(fd, w->tables[2]));
 		else

@@ -4,7 +4,8 @@
  * relay's files, hr_vq.c, hr_table.c) against the fake kernel in harness.c
  * instead of hr_vfio.c: a model of type1v2 containers (Linux 6.12
  * vfio_iommu_type1 semantics for MAP_DMA/UNMAP_DMA) whose calls fail when
- * the input says so.  The guest is three RAM regions: two adjacent in
+ * the input says so, and of one iommufd IOAS beside them where the build
+ * has iommufd.  The guest is three RAM regions: two adjacent in
  * guest-physical space but apart in the host (so one MAP can be two
  * pieces), and one beyond a hole.
  */
@@ -21,8 +22,12 @@
 
 /* ---- the fake kernel (harness.c) */
 
-/* Container fds are FZ_FD0 .. FZ_FD0 + FZ_NCONT - 1. */
+/* Container fds are FZ_FD0 .. FZ_FD0 + FZ_NCONT - 1.  Where the build has
+ * iommufd (HR_HAVE_IOMMUFD), container FZ_IOAS_SLOT is an IOAS (id
+ * FZ_IOAS_ID), so a domain 2 of two or more containers mixes both kinds. */
 #define FZ_FD0 100
+#define FZ_IOAS_SLOT 1
+#define FZ_IOAS_ID 7
 /* The nth next MAP_DMA or UNMAP_DMA (0 = the very next) fails with err,
  * once; err 0 disarms. */
 void fk_fail_next(uint32_t nth, int err);

@@ -59,17 +59,30 @@ def _suffix(clang: str) -> str:
     return f"-{m.group(1)}" if m else ""
 
 
+def _iommufd_flags() -> list[str]:
+    """Build the data plane's IOAS containers too (and the fake kernel's IOAS), where the uapi has iommufd."""
+    sys.path.insert(0, str(CEXT))
+    from uapi import find  # the extension's own lookup (cext/uapi.py)
+
+    uapi = find()
+    if uapi is None:
+        print("fuzz: no iommufd uapi (python3 cext/uapi.py): IOAS containers not fuzzed", file=sys.stderr)
+        return []
+    dirs = [] if uapi == Path("/usr/include") else [f"-I{uapi}", f"-I{uapi / 'x86_64-linux-gnu'}"]
+    return ["-DHR_HAVE_IOMMUFD=1", f"-I{CEXT / 'iommufd'}", *dirs]
+
+
 def build(target: str, *, coverage: bool = False) -> Path:
     """Compile one target; returns the binary (rebuilt only when a source is newer)."""
     clang = _tool(CLANGS)
     out = BUILD / ("cov" if coverage else "bin") / target
     sources = [HERE / f"{target}.c", *HARNESS_C, *PROJECT_C]
-    deps = sources + list(HERE.glob("*.h")) + list(CEXT.glob("*.h"))
+    deps = sources + list(HERE.glob("*.h")) + list(CEXT.glob("*.h")) + [Path(__file__)]
     if out.exists() and all(p.stat().st_mtime <= out.stat().st_mtime for p in deps):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     flags = ["-g", "-O1", "-std=gnu11", "-pthread", f"-I{CEXT}", f"-I{HERE}", "-Wall", "-Wextra",
-             "-Wno-unused-parameter"]  # fmt: skip
+             "-Wno-unused-parameter", *_iommufd_flags()]  # fmt: skip
     if coverage:
         flags += ["-fsanitize=fuzzer", "-fprofile-instr-generate", "-fcoverage-mapping"]
     else:

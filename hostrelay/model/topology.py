@@ -111,8 +111,19 @@ class Topology:
         return [o.id for o in self.endpoints.values() if o.backend is backend]
 
     def report(self, backend: Backend, exc: BaseException, what: str, address: int, *, write: bool) -> None:
-        """A backend refused ``what``: log it and queue a fault record per endpoint it serves."""
-        self.events.host_refused(self.served_by(backend), exc, what, address, write=write)
+        """A backend refused ``what``: log it and queue a fault record per endpoint it serves.
+
+        A target that is no endpoint's backend (an IOAS shared by a domain's
+        iommufd devices) serves the domain's endpoints whose backends are not
+        targets themselves.
+        """
+        served = self.served_by(backend)
+        if not served:
+            for dom in self.domains.values():
+                if any(t is backend for t in dom.targets):
+                    served = [e.id for e in dom.endpoints.values()
+                              if e.backend is not None and not any(t is e.backend for t in dom.targets)]  # fmt: skip
+        self.events.host_refused(served, exc, what, address, write=write)
 
     def _check_domain_id(self, domain_id: int) -> None:
         # G-03 forbids the driver such IDs; 5.13.6 names no status, and
