@@ -36,8 +36,10 @@ import sys
 import time
 from collections.abc import Callable
 
-from hostrelay import GuestMemory, Relay
+from hostrelay._native import ffi, lib
+from hostrelay.backends.memory import GuestMemory
 from hostrelay.kernel import ioctl as _kernel
+from hostrelay.relay import Relay
 from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
 from hostrelay.model.wire import AttachRequest, MapFlag, MapRequest, UnmapRequest
 from hostrelay.host.sysfs import find_pci
@@ -75,20 +77,23 @@ def raw_pairs(bdf: str, pairs: int) -> Callable[[], float]:
 
 
 class RelaySetup:
-    """A relay with ``groups`` VFIO endpoints attached to one domain and a request queue."""
+    """A relay with one VFIO endpoint per function of ``bdfs`` attached to one domain and a request queue.
 
-    def __init__(self, bdfs: list[str]) -> None:
+    ``backend`` is the relay's ``vfio_backend`` (tests/bench_iommufd.py runs both).
+    """
+
+    def __init__(self, bdfs: list[str], backend: str = "type1") -> None:
         self.memory = GuestMemory()
         self.memory.add_region(0, 64 << 20)
-        self.relay = Relay(self.memory, bypass=False)
+        self.relay = Relay(self.memory, bypass=False, vfio_backend=backend)
         for i, bdf in enumerate(bdfs):
             self.relay.add_vfio_endpoint(0x10 + i, bdf)
         for i in range(len(bdfs)):
             assert self.relay.handle_request(AttachRequest(1, 0x10 + i).pack(), 4) == bytes(4)
         self.q = DriverQueue(self.memory, RING_GPA, 4 * BATCH, data_size=4 << 20)
         self.relay.set_queue(0, size=self.q.size, desc=self.q.desc, avail=self.q.avail, used=self.q.used_ring)
-        self.heads = []
-        self.tails = []
+        self.heads: list[int] = []
+        self.tails: list[int] = []
         for i in range(BATCH):  # the same 128 chains every batch: only the avail ring is rewritten
             iova, gpa = IOVA + i * PAGE, i * PAGE
             for raw in (MapRequest(1, iova, iova + PAGE - 1, gpa, RW).pack(), UnmapRequest(1, iova, iova + PAGE - 1).pack()):
@@ -136,8 +141,8 @@ class RelaySetup:
         """One Python->C call per ioctl, no relay logic: the floor of per-request Python."""
         c = self.relay.vfio_backend(0x10).container
         va = self.memory.regions[0].hva
-        out = _kernel.ffi.new("uint64_t *")
-        map_dma, unmap_dma, fd = _kernel.lib.hr_vfio_map_dma, _kernel.lib.hr_vfio_unmap_dma, c.fd
+        out = ffi.new("uint64_t *")
+        map_dma, unmap_dma, fd = lib.hr_vfio_map_dma, lib.hr_vfio_unmap_dma, c.fd
         t = time.perf_counter()
         for _ in range(pairs):
             if map_dma(fd, 3, va, IOVA, PAGE) < 0 or unmap_dma(fd, 0, IOVA, PAGE, out) < 0:
@@ -147,10 +152,10 @@ class RelaySetup:
     def c_ring(self, batches: int) -> float:
         """The ring with the driver side in C as well: no Python between batches."""
         q = self.relay._queues.queues[0]
-        heads = _kernel.ffi.new("uint16_t[]", self.heads)
+        heads = ffi.new("uint16_t[]", self.heads)
         self.relay._dp.sync_memory()
         t = time.perf_counter()
-        rc = _kernel.lib.hr_relay_bench_ring(self.relay._dp.c, q.c, heads, len(self.heads), batches)
+        rc = lib.hr_relay_bench_ring(self.relay._dp.c, q.c, heads, len(self.heads), batches)
         spent = time.perf_counter() - t
         if rc:
             raise RuntimeError("C-driven ring: a request failed")
@@ -164,13 +169,13 @@ class RelaySetup:
         straight to the container's ioctl with none of the relay's work."""
         fd = self.relay.vfio_backend(0x10).container.fd
         self.relay._dp.sync_memory()
-        return self._kicks(batches, BATCH, _kernel.lib.hr_relay_bench_floor, self.relay._dp.c, self.relay._queues.queues[0].c, fd)
+        return self._kicks(batches, BATCH, lib.hr_relay_bench_floor, self.relay._dp.c, self.relay._queues.queues[0].c, fd)
 
     def c_loop(self, pairs: int) -> float:
         """hr_relay_map/hr_relay_unmap in a C loop: the data plane without the ring."""
         self.relay._dp.sync_memory()
         t = time.perf_counter()
-        rc = _kernel.lib.hr_relay_bench_map_unmap(self.relay._dp.c, 1, IOVA, 0, PAGE, pairs, BATCH)
+        rc = lib.hr_relay_bench_map_unmap(self.relay._dp.c, 1, IOVA, 0, PAGE, pairs, BATCH)
         spent = time.perf_counter() - t
         if rc:
             raise RuntimeError(f"relay C loop failed with status {-rc}")

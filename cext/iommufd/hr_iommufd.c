@@ -155,3 +155,31 @@ int hr_iommufd_get_hw_info(int iommufd, uint32_t dev_id, void *data, uint32_t *d
 	*out_capabilities = h.out_capabilities; /* Linux >= 6.7; 0 before */
 	return 0;
 }
+
+/* ---------------------------------------------------------------- benchmark
+ * The raw loop tests/bench_iommufd.py measures the relay's iommufd path
+ * against, as hr_vfio_bench_map_unmap is for type1: never a way to serve a
+ * guest.  The two ioctls are issued here directly, not through the wrappers
+ * above, so the baseline stays bare whatever the wrappers grow (a test hook,
+ * say).  Fixed IOVA, readable and writeable, exactly what the data plane's
+ * c_map asks for (hr_fanout.c).  IOMMU_IOAS_UNMAP writes back the bytes it
+ * removed in .length (Linux >= 6.2), checked as the type1 loop checks its. */
+int hr_iommufd_bench_map_unmap(int iommufd, uint32_t ioas_id, uint64_t vaddr, uint64_t iova, uint64_t size,
+			       uint32_t count, uint32_t spread)
+{
+	for (uint32_t i = 0; i < count; i++) {
+		uint64_t off = spread ? (i % spread) * size : 0;
+		struct iommu_ioas_map m = {
+			.size = sizeof(m), .ioas_id = ioas_id, .user_va = vaddr + off, .length = size, .iova = iova + off,
+			.flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+		};
+		if (ioctl(iommufd, IOMMU_IOAS_MAP, &m) < 0)
+			return -errno;
+		struct iommu_ioas_unmap u = { .size = sizeof(u), .ioas_id = ioas_id, .iova = iova + off, .length = size };
+		if (ioctl(iommufd, IOMMU_IOAS_UNMAP, &u) < 0)
+			return -errno;
+		if (u.length != size)
+			return -EIO;
+	}
+	return 0;
+}

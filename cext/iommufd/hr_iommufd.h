@@ -50,4 +50,10 @@ int hr_iommufd_option(int iommufd, uint32_t option_id, uint16_t op, uint32_t obj
 int hr_iommufd_get_hw_info(int iommufd, uint32_t dev_id, void *data, uint32_t *data_len, uint32_t *out_data_type,
 			   uint64_t *out_capabilities);
 
+/* The benchmark's raw loop (tests/bench_iommufd.py): count IOMMU_IOAS_MAP +
+ * IOMMU_IOAS_UNMAP pairs of size bytes on one IOAS, cycling over spread
+ * pages; 0 or -errno (-EIO: an unmap removed other than size bytes). */
+int hr_iommufd_bench_map_unmap(int iommufd, uint32_t ioas_id, uint64_t vaddr, uint64_t iova, uint64_t size,
+			       uint32_t count, uint32_t spread);
+
 #endif
