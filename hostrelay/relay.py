@@ -546,7 +546,13 @@ class Relay:
     def system_reset(self) -> None:
         """System reset: device reset, and ``bypass`` back to its initial value (D-04)."""
         self.reset()
-        self._config.bypass = self._config.initial_bypass
+        with self._lock:
+            changed = self._config.bypass != self._config.initial_bypass
+            self._config.bypass = self._config.initial_bypass
+            if changed:
+                # Every endpoint is unattached now: the VFIO ones follow the
+                # restored value as they would a driver's config write.
+                self._topology.bypass_changed([*self._vfio.values(), *self._iommufd.values()])
 
     # --- the two doors: one request, and the virtqueues ------------------------------------
 

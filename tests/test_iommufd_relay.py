@@ -389,3 +389,30 @@ def test_a_move_is_one_replace_whatever_the_number_of_mappings(make_relay: Calla
     one = moves(1)
     many = moves(10_000)
     assert many <= 1.5 * one, f"move with 10 000 mappings {many * 1e6:.1f} us, with 1 {one * 1e6:.1f} us"
+
+
+def test_auto_picks_iommufd_here_and_a_group_is_opened_one_way(memory: GuestMemory, edu_bdfs: list[str]) -> None:
+    from hostrelay.backends.iommufd import iommufd_usable
+
+    assert iommufd_usable(edu_bdfs[0]) is None
+    r = Relay(memory, vfio_backend="auto", bypass=False)
+    try:
+        dev = r.add_vfio_endpoint(EP_A, edu_bdfs[0])
+        assert getattr(dev, "cdev", "").startswith("/dev/vfio/devices/vfio"), "auto chose iommufd"
+        assert r.iommufd_group(EP_A).group_id == r.iommufd_group(EP_A).group_id
+        with pytest.raises(ValueError, match="not a VFIO endpoint"):
+            r.vfio_backend(EP_A)
+        # The other edu through type1 in the same relay: both kinds serve one domain.
+        r.add_vfio_endpoint(EP_B, edu_bdfs[1], backend="type1")
+        a, b = Dma(r, EP_A, memory), Dma(r, EP_B, memory)
+        for ep in (EP_A, EP_B):
+            assert send(r, AttachRequest(1, ep)) == Status.OK
+        assert send(r, MapRequest(1, IOVA_1, IOVA_1 + PAGE - 1, GPA_1, RW)) == Status.OK
+        a.load(IOVA_1, GPA_1)
+        b.load(IOVA_1, GPA_1)
+        assert a.lands(IOVA_1, GPA_1) and b.lands(IOVA_1, GPA_1)
+        assert r.stats()["domains"][1]["containers"] == 2, "one IOAS and one type1 container"
+        assert send(r, UnmapRequest(1, IOVA_1, IOVA_1 + PAGE - 1)) == Status.OK
+        assert a.faults(IOVA_1, GPA_1) and b.faults(IOVA_1, GPA_1)
+    finally:
+        r.close()

@@ -209,3 +209,15 @@ def test_a_failed_open_of_an_endpoint_leaks_no_fd(
     with pytest.raises(OSError):
         relay(fake, mem, ["0000:00:03.0"])
     assert _fds() == base, "the group fd was closed"
+
+
+def test_system_reset_gives_unattached_containers_the_restored_bypass(fake: tuple[FakeKernel, Path, Path],
+                                                                      mem: GuestMemory) -> None:  # fmt: skip
+    kern = fake[0]
+    r = relay(fake, mem, ["0000:00:03.0"], bypass=True)
+    fd = r.vfio_backend(1).container.fd
+    r.write_config(36, b"\0")
+    assert kern.dmas[fd] == {}, "bypass 0: no identity map"
+    r.system_reset()  # bypass back to its initial 1 (D-04): the identity map comes back
+    assert r.bypass and kern.dmas[fd] == {0: 4 * MIB, 4 * MIB: 4 * MIB}
+    r.close()

@@ -376,3 +376,21 @@ def test_memlock_nomem_before_the_kernel_and_vmlck_moves_as_predicted(edu_bdfs: 
     assert out["vmlck_total"] == out["predicted_total"] == 2 * n * 0x4000, out
     assert out["kernel"] == errno.ENOMEM, out
     assert out["unmap_all"] == [0x8000] * n, out
+
+
+@pytest.mark.vfio(edu=1)
+def test_auto_falls_back_to_type1_on_a_kernel_without_iommufd(memory: GuestMemory, edu_bdfs: list[str]) -> None:
+    from hostrelay.backends.iommufd import iommufd_usable
+    from hostrelay.kernel.errors import VfioError
+
+    why = iommufd_usable(edu_bdfs[0])
+    assert why is not None and "/dev/iommu" in why, why  # the stock Debian kernel has no CONFIG_IOMMUFD
+    r = Relay(memory, vfio_backend="auto")
+    try:
+        r.add_vfio_endpoint(EP_A, edu_bdfs[0])
+        assert r.vfio_backend(EP_A).container.fd >= 0, "auto chose type1"
+        with pytest.raises(VfioError, match="iommu"):
+            r.add_vfio_endpoint(EP_B, edu_bdfs[0], backend="iommufd")
+        assert EP_B not in r.stats()["domains"] and r.endpoint_domain(EP_A) is None
+    finally:
+        r.close()
