@@ -250,6 +250,9 @@ class IommufdGroup:
             for d in self.devices.values():
                 d.attach(target.ioas.id)
                 done.append(d)
+            # Part of the attach: a group is not where it was told to be
+            # until the relay knows the ranges it narrowed the IOAS to.
+            target.refresh_ranges()
         except BaseException:
             for d in done:
                 try:
@@ -261,7 +264,6 @@ class IommufdGroup:
                     log.exception("%s: could not put %s back", self.label, d.name)
             raise
         self.attached = target
-        target.refresh_ranges()
 
     def detach(self) -> None:
         """Every device reaches nothing (its group's blocking domain)."""
