@@ -223,14 +223,24 @@ class IommufdGroup:
         # this group's) and alignment (the smallest page the IOMMU maps;
         # iommufd maps any multiple of it), detach, destroy.
         probe = self.space.iommufd().ioas()
+        attached = False
         try:
             dev.attach(probe.id)
-            try:
-                ranges, align = probe.iova_ranges()
-            finally:
-                dev.detach()
+            attached = True
+            ranges, align = probe.iova_ranges()
+            dev.detach()
+            attached = False
         finally:
-            probe.destroy()
+            if attached:
+                # The range read or the detach failed: the device is still on
+                # the probe, which IOMMU_DESTROY would refuse (EBUSY) in place
+                # of the real error.  Closing the device detaches it (the
+                # caller closes it on this failure anyway).
+                try:
+                    dev.close()
+                except OSError as exc:
+                    log.warning("%s: closing %s: %s", self.label, dev.name, exc)
+            self.space.destroy_ioas(probe)
         align = max(align, 1)
         self.page_sizes = ~(align - 1) & U64_MAX
         self.iova_ranges = ranges
@@ -314,6 +324,8 @@ class IommufdAddressSpace:
         self.groups: list[IommufdGroup] = []
         self.domains: dict[int, IoasSpace] = {}  # domain id -> its IOAS, while a group is attached
         self.identity: IoasSpace | None = None  # guest RAM at IOVA = GPA, while a group is in bypass
+        #: IOASes no device uses whose IOMMU_DESTROY failed: emptied, destroyed at the next collect.
+        self.stale: list[k.Ioas] = []
         self.per_process = False
 
     def iommufd(self) -> k.Iommufd:
@@ -417,7 +429,7 @@ class IommufdAddressSpace:
                 # made them), before any device can reach the IOAS.
                 FanOutAddressSpace.replay(ioas, domain)
             except BaseException:
-                ioas.destroy()
+                self._destroy(ioas)
                 raise
             self.domains[domain.id] = ioas
         return ioas
@@ -430,7 +442,7 @@ class IommufdAddressSpace:
             try:
                 ioas.set_identity(True)
             except BaseException:
-                ioas.destroy()
+                self._destroy(ioas)
                 raise
             self.identity = ioas
         return self.identity
@@ -444,6 +456,12 @@ class IommufdAddressSpace:
 
     def _collect(self) -> None:
         """Destroy every IOAS no group is attached to (what no device reaches stays unpinned)."""
+        for old in list(self.stale):
+            try:
+                old.destroy()
+            except OSError:
+                continue
+            self.stale.remove(old)
         used = {id(g.attached) for g in self.groups if g.attached is not None}
         for dom_id, ioas in list(self.domains.items()):
             if id(ioas) not in used:
@@ -457,9 +475,25 @@ class IommufdAddressSpace:
         try:
             ioas.destroy()
         except OSError as exc:
-            # Nothing is attached, so the kernel has no reason to refuse;
-            # if it does, the fd's close at relay close frees it anyway.
+            # Nothing is attached, so the kernel has no reason to refuse.  If
+            # it does, the operation this cleans up after has still happened
+            # (no refusal): the IOAS is emptied, so it holds nothing the
+            # relay's tables do not say, and kept to be destroyed later (at
+            # the latest the fd's close at relay close frees it).
             log.error("%s: IOMMU_DESTROY failed: %s", ioas.label, exc)
+            try:
+                ioas.unmap_all()
+            except OSError as exc2:
+                log.error("%s: emptying it failed too: %s", ioas.label, exc2)
+            self.stale.append(ioas.ioas)
+
+    def destroy_ioas(self, ioas: k.Ioas) -> None:
+        """``IOMMU_DESTROY`` of an empty IOAS no device uses; a failure keeps it in :attr:`stale`."""
+        try:
+            ioas.destroy()
+        except OSError as exc:
+            log.error("IOAS %d: IOMMU_DESTROY failed: %s", ioas.id, exc)
+            self.stale.append(ioas)
 
     def stats(self) -> dict[str, Any]:
         """Per IOAS counters, and the page tables each group's devices are attached to."""
@@ -483,6 +517,7 @@ class IommufdAddressSpace:
         self.groups.clear()
         self.domains.clear()
         self.identity = None
+        self.stale.clear()
         if self._fd is not None:
             self._fd.close()
             self._fd = None
