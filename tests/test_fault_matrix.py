@@ -93,18 +93,24 @@ def process_footprint() -> tuple[int, int, int]:
 
 
 class World:
-    """A relay over the shared guest memory: A, B, C, D on VFIO, E emulated."""
+    """A relay over the shared guest memory: A, B, C, D on VFIO, E (and ``emulated``) emulated.
 
-    def __init__(self, memory: GuestMemory, bdfs: list[str], *, bypass: bool, ring: bool, skip: int | None) -> None:
+    ``vfio_backend`` is how the VFIO endpoints are opened (tests/test_fault_matrix_iommufd.py
+    builds the same world on iommufd).
+    """
+
+    def __init__(self, memory: GuestMemory, bdfs: list[str], *, bypass: bool, ring: bool, skip: int | None,
+                 vfio_backend: str = "type1", emulated: tuple[int, ...] = (E,)) -> None:  # fmt: skip
         self.memory = memory
         self.bdfs = dict(zip(VFIO_EPS, bdfs))
-        self.r = Relay(memory, bypass=bypass)
+        self.r = Relay(memory, bypass=bypass, vfio_backend=vfio_backend)
         self.q: DriverQueue | None = None
         try:
             for ep in VFIO_EPS:
                 if ep != skip:
                     self.r.add_vfio_endpoint(ep, self.bdfs[ep])
-            self.r.add_endpoint(E)
+            for ep in emulated:
+                self.r.add_endpoint(ep)
             if ring:
                 self.q = DriverQueue(memory, RING_GPA, 16, data_size=0x4000)
                 self.r.set_queue(0, size=self.q.size, desc=self.q.desc, avail=self.q.avail, used=self.q.used_ring)
