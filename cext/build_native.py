@@ -39,7 +39,10 @@ from uapi import find as _find_uapi  # noqa: E402
 
 _uapi = _find_uapi()
 _include_dirs = [str(HERE)]
-_macros: list[tuple[str, str | None]] = []
+# The stable ABI of Python 3.11 (pyproject's floor) rather than cffi's
+# default 3.2 one: the native handle_request door (pydoor/hr_pydoor.c) needs
+# METH_FASTCALL, part of it since 3.10.  cffi keeps a Py_LIMITED_API it finds.
+_macros: list[tuple[str, str | None]] = [("Py_LIMITED_API", "0x030b0000")]
 _headers = sorted(HERE.glob("*.cdef"))
 if _uapi is not None:
     _headers.append(HERE / "iommufd" / "hr_iommufd.cdef")
@@ -77,12 +80,17 @@ if os.environ.get("HOSTRELAY_SANITIZE") == "1":
     # That test compiles with ffibuilder.compile(tmpdir=...), from another folder.
     _sources = [str(HERE.parent / s) for s in _sources]
 
+# handle_request's native door: Python C API code, so it lives in the module
+# source (after cffi's <Python.h>) and not among the plain C files above,
+# which the fuzz targets build without Python.
+ffibuilder.cdef((HERE / "pydoor" / "hr_pydoor.cdef").read_text(), override=False)
+
 # Only the public headers, the ones with a .cdef, go into the module source:
 # that is all cffi wraps.  An internal header (hr_relay_int.h) stays the C
 # files' own, its static inline helpers out of the generated code.
 ffibuilder.set_source(
     "hostrelay._native",
-    "\n".join(f'#include "{p.stem}.h"' for p in _headers),
+    "\n".join([*(f'#include "{p.stem}.h"' for p in _headers), '#include "pydoor/hr_pydoor.c"']),
     sources=_sources,
     include_dirs=_include_dirs,
     define_macros=_macros,

@@ -14,6 +14,7 @@ physical range to lie "within the guest-physical address space".
 
 from __future__ import annotations
 
+import array
 import bisect
 import ctypes
 import mmap
@@ -123,6 +124,9 @@ class GuestMemory:
         # Changes whenever the set of regions changes (the relay's C copy
         # follows it); a plain attribute because the hot path reads it.
         self.generation = 0
+        # The same number as one int64 C can read (handle_request's native
+        # door compares it without a Python attribute load); never resized.
+        self.generation_cell = array.array("q", [0])
 
     def add_region(
         self,
@@ -181,6 +185,7 @@ class GuestMemory:
         self._starts.insert(i, gpa)
         self._regions.insert(i, region)
         self.generation += 1
+        self.generation_cell[0] = self.generation
         return region
 
     @property

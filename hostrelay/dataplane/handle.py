@@ -12,6 +12,7 @@ what C reports back into Python terms.
 
 from __future__ import annotations
 
+import array
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,13 @@ class DataPlane:
         # compare on the hot path covers both "C has the current guest RAM
         # layout" and "no per-MAP memlock refresh is needed".
         self.fast_generation = -1
+        # The same number for C (handle_request's native door); written only
+        # by _set_fast_generation, with the attribute.
+        self.fast_cell = array.array("q", [-1])
+
+    def _set_fast_generation(self, gen: int) -> None:
+        self.fast_generation = gen
+        self.fast_cell[0] = gen
 
     def configure(self, config: ConfigSpace, max_mappings: int | None) -> None:
         """Push the config MAP checks depend on into C."""
@@ -106,7 +114,7 @@ class DataPlane:
             # With CAP_IPC_LOCK type1 checks no limit (Linux >= 3.x
             # vfio_lock_acct), so there is nothing to refresh per MAP.
             self.fast = self.budget.lock_cap
-            self.fast_generation = self.mem_generation if self.fast else -1
+            self._set_fast_generation(self.mem_generation if self.fast else -1)
         return self.budget
 
     def sync_memory(self) -> None:
@@ -121,7 +129,7 @@ class DataPlane:
         if lib.hr_relay_set_memory(self.c, arr, len(regions)) < 0:
             raise ValueError(f"guest memory has more than {lib.HR_GMEM_MAX_REGIONS} regions")
         self.mem_generation = gen
-        self.fast_generation = gen if self.fast else -1
+        self._set_fast_generation(gen if self.fast else -1)
 
     def sync_memlock(self) -> None:
         """Tell C how much RLIMIT_MEMLOCK is left, as the kernel will count it.

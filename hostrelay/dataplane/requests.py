@@ -11,9 +11,11 @@ here, through the host address space.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from hostrelay._native import lib
+from hostrelay import _native
+from hostrelay._native import ffi, lib
 from hostrelay.dataplane.handle import DataPlane, is_native, status_for
 from hostrelay.dataplane.table import MappingTable
 from hostrelay.model.config import ConfigSpace
@@ -29,6 +31,10 @@ log = logging.getLogger("hostrelay.relay")
 _relay_fast = lib.hr_relay_fast
 _FAST_REPORT = lib.HR_FAST_REPORT
 _TAILS: tuple[bytes, ...] = tuple(pack_tail(s) for s in range(256))
+# The native door's type: hr_pydoor_install sets it on the module (once).
+if lib.hr_pydoor_install() < 0:
+    raise ImportError("hostrelay._native: the native handle_request door could not be set up")
+_RequestDoor: Any = getattr(_native, "RequestDoor")
 
 
 class Requests:
@@ -47,7 +53,11 @@ class Requests:
         self.control = ControlPlane(config, topology, self.map_unmap, status_for)
 
     def handle_request(self, readable: bytes | bytearray | memoryview, writable_len: int) -> bytes:
-        """See :meth:`hostrelay.relay.Relay.handle_request`."""
+        """See :meth:`hostrelay.relay.Relay.handle_request`.
+
+        The Python door; :meth:`native_door` is the same in C, and ends here
+        for whatever it does not take as it is.
+        """
         if type(readable) is bytes and self.dp.fast_generation == self.memory.generation:
             # MAP/UNMAP in one C call and nothing else: measured under TCG,
             # every Python step here costs about as much as a syscall.  (No
@@ -61,14 +71,23 @@ class Requests:
                 return internal_error(writable_len)
             if 0 <= rc < _FAST_REPORT:
                 return _TAILS[rc]
-            if rc >= 0:  # done, and a kernel failure to report: C kept the lock for this
-                try:
-                    self.report_failure(self.result)
-                except Exception:
-                    log.exception("internal error reporting a kernel failure")
-                finally:
-                    self.dp.lock.release()
-                return _TAILS[rc & 0xFF]
+            if rc >= 0:
+                return self._reported(rc)
+        return self._rest(readable, writable_len)
+
+    def _reported(self, rc: int) -> bytes:
+        """hr_relay_fast's ``HR_FAST_REPORT | status``: done, and a kernel
+        failure to report; C kept the lock for this."""
+        try:
+            self.report_failure(self.result)
+        except Exception:
+            log.exception("internal error reporting a kernel failure")
+        finally:
+            self.dp.lock.release()
+        return _TAILS[rc & 0xFF]
+
+    def _rest(self, readable: bytes | bytearray | memoryview, writable_len: int) -> bytes:
+        """handle_request past the fast path: the control plane under the lock."""
         try:
             if type(readable) is not bytes:
                 readable = bytes(readable)  # a guest buffer view: decode from a stable copy
@@ -78,6 +97,21 @@ class Requests:
         except Exception:  # a bug must not take the device down
             log.exception("internal error handling a request")
             return internal_error(writable_len)
+
+    def native_door(self) -> Callable[[bytes | bytearray | memoryview, int], bytes]:
+        """:meth:`handle_request` as one native call (cext/pydoor/hr_pydoor.c).
+
+        The same checks and the same C call as the Python method's fast
+        path, without its frame; anything else goes to the Python code
+        (:meth:`handle_request` itself, :meth:`_rest`, :meth:`_reported`).
+        The door holds this object's callables, and this object does not
+        hold the door, so there is no cycle to collect.
+        """
+        door = _RequestDoor(int(ffi.cast("uintptr_t", self.c)), int(ffi.cast("uintptr_t", self.result)),
+                            self.memory.generation_cell, self.dp.fast_cell, _TAILS, self.dp,
+                            self.handle_request, self._rest, self._reported)  # fmt: skip
+        handle: Callable[[bytes | bytearray | memoryview, int], bytes] = door.handle_request
+        return handle
 
     def report_failure(self, res: Any) -> None:
         """Log a kernel failure the C data plane reported and queue its fault events."""
