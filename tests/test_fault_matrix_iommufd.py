@@ -87,7 +87,10 @@ from hostrelay.kernel.errors import VfioError
 from hostrelay.kernel.ioctl import Injection, Op, call_counts, counting, inject_failure
 from hostrelay.model.wire import AttachRequest, DetachRequest, MapFlag, MapRequest, Status, UnmapRequest
 
-from test_fault_matrix import (
+from test_fault_matrix import (  # the type1 matrix's world and requests, shared
+    _bypass_off,
+    _bypass_on,
+    _close,
     BYPASS_DOM,
     BYSTANDER,
     C_IN_BYPASS_DOMAIN,
@@ -191,18 +194,6 @@ def _left_detached(w: IWorld) -> str | None:
     if w.r.iommufd_group(C).attached is not None:
         return "C is detached with config bypass 0 but its group is attached to an IOAS"
     return None
-
-
-def _bypass_on(w: IWorld) -> None:
-    w.r.write_config(36, b"\1")
-
-
-def _bypass_off(w: IWorld) -> None:
-    w.r.write_config(36, b"\0")
-
-
-def _close(w: IWorld) -> None:
-    w.r.close()
 
 
 def _add_d(w: IWorld) -> None:
