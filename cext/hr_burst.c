@@ -103,22 +103,38 @@ __attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
 		}
 		/* 2: carry out, in order. */
 		int deferred = 0;
-		for (done = 0; done < n && nerrs < HR_QUEUE_ERRS; done++) {
-			int st = hr_execute(r, &burst[done], &res);
+		for (done = 0; done < n; done++) {
+			int st = hr_ring_execute(r, &burst[done], &res);
+			status[done] = (uint8_t)st;
+			if (__builtin_expect(!st, 1))
+				continue;
 			if (st == HR_S_DEFER) {
 				deferred = 1; /* nothing was changed: the caller's */
 				break;
 			}
-			status[done] = (uint8_t)st;
-			if (res.reason == HR_R_KERNEL || res.reason == HR_R_MISMATCH)
+			/* res is only filled when st is not OK (and a kernel
+			 * failure or a mismatch never is OK).  errs[] full: the
+			 * rest is given back (nerrs < HR_QUEUE_ERRS here). */
+			if (res.reason == HR_R_KERNEL || res.reason == HR_R_MISMATCH) {
 				q->errs[nerrs++] = res;
+				if (nerrs == HR_QUEUE_ERRS) {
+					done++;
+					break;
+				}
+			}
 		}
-		/* 3: complete.  The tail is the status and three zero bytes. */
-		for (uint32_t i = 0; i < done; i++) {
+		/* 3: complete.  The tail is the status and three zero bytes;
+		 * then hr_vq_put, with the queue's fields in locals (the tails
+		 * are guest memory, which the compiler cannot tell from *vq). */
+		struct vring_used_elem *used = vq->used->ring;
+		uint32_t umask = vq->size - 1;
+		uint16_t uidx = vq->used_idx;
+		for (uint32_t i = 0; i < done; i++, uidx++) {
 			uint32_t t = status[i]; /* little-endian host (hr_vq.h) */
 			__builtin_memcpy(pairs[i].wr, &t, 4);
-			hr_vq_put(vq, pairs[i].head, 4);
+			used[uidx & umask] = (struct vring_used_elem){ pairs[i].head, 4 };
 		}
+		vq->used_idx = uidx;
 		completed += done;
 		if (done < n) {
 			/* Give back what was decoded but not carried out (the

@@ -18,15 +18,16 @@ __attribute__((flatten)) uint64_t hr_piece(hr_relay *r, uint64_t gpa, uint64_t s
 {
 	/* A MAP spanning two regions (two memfds) is two host ranges, so two
 	 * VFIO mappings.  The region of the last MAP is tried first: a guest's
-	 * MAPs come from one RAM region nearly always.  r->ghot is an index,
-	 * checked each time. */
-	const struct hr_gmem_region *g = &r->mem.r[r->ghot];
+	 * MAPs come from one RAM region nearly always.  r->ghot is one of the
+	 * slots of r->mem.r, checked each time (a slot past mem.n has size 0:
+	 * hr_relay_set_memory). */
+	const struct hr_gmem_region *g = r->ghot;
 
-	if (r->ghot >= r->mem.n || gpa - g->gpa >= g->size) {
+	if (gpa - g->gpa >= g->size) {
 		g = hr_gmem_find(&r->mem, gpa);
 		if (!g)
 			return 0;
-		r->ghot = (uint32_t)(g - r->mem.r);
+		r->ghot = g;
 	}
 	uint64_t left = g->size - (gpa - g->gpa);
 	*hva = g->hva + (gpa - g->gpa);
@@ -106,17 +107,6 @@ int hr_check_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 	return HR_S_OK;
 }
 
-/* type1 charges every vfio_dma's pages to the process's locked_vm (Linux
- * >= 3.x vfio_lock_acct), once per container and per mapping; the check is
- * against RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. */
-static int memlock_ok(const hr_relay *r, uint64_t more)
-{
-	if (r->memlock_limit == UINT64_MAX)
-		return 1;
-	uint64_t used = r->memlock_baseline + r->charged;
-	return used <= r->memlock_limit && more <= r->memlock_limit - used;
-}
-
 int hr_check_limits(const hr_relay *r, const struct hr_domain *d, uint64_t pieces, uint64_t size,
 		    struct hr_result *res)
 {
@@ -127,7 +117,7 @@ int hr_check_limits(const hr_relay *r, const struct hr_domain *d, uint64_t piece
 			return hr_refuse(res, HR_S_NOMEM, HR_R_ENTRIES);
 		}
 	}
-	if (!memlock_ok(r, size * d->ncont))
+	if (!hr_memlock_ok(r, size * d->ncont))
 		return hr_refuse(res, HR_S_NOMEM, HR_R_MEMLOCK);
 	return HR_S_OK;
 }

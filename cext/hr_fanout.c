@@ -265,3 +265,107 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 	}
 	return HR_S_OK;
 }
+
+/* ------------------------------------------------- the ring's common case */
+
+/* What nearly every MAP through the ring is: a domain of one container
+ * (d->plain), flags granting access to RAM, one RAM piece.  Every check of
+ * hr_check_map and hr_check_limits is here, in their order, but a request
+ * failing one is not refused here: -1 sends it to hr_relay_map, which
+ * refuses it the same way (nothing has changed yet; r->hot and r->ghot are
+ * only hints).  Past the checks this path is the request's. */
+static int map_common(hr_relay *r, const struct hr_req *q, struct hr_result *res)
+{
+	uint64_t vs = q->start, ve = q->end, ps = q->phys, hva;
+	uint32_t flags = q->flags, domain = q->domain;
+
+	/* flags READ, WRITE or both (hr_in_containers), all of them allowed;
+	 * the domain range is in d->plain. */
+	if (flags - 1 > 2 || (flags & ~r->map_flags_mask) || ve < vs)
+		return -1;
+	if ((vs | ps | (ve + 1)) & (r->granule - 1))
+		return -1;
+	if (vs < r->input_start || ve > r->input_end)
+		return -1;
+	uint64_t last = ve - vs;
+	if (ps + last < ps || last == UINT64_MAX)
+		return -1;
+	struct hr_domain *d = hr_find_hot(r, domain);
+	if (!d || !d->plain)
+		return -1;
+	for (uint32_t i = 0; i < d->nresv; i++)
+		if (vs <= d->resv[i][1] && d->resv[i][0] <= ve)
+			return -1;
+	uint64_t size = last + 1;
+	if (hr_piece(r, ps, size, &hva) != size)
+		return -1; /* not RAM, or more than one piece */
+	if (r->max_mappings && hr_table_count(d->table) >= r->max_mappings)
+		return -1;
+	struct hr_container *c = d->cont[0];
+	if (c->avail < 1 || !hr_memlock_ok(r, size))
+		return -1;
+	/* hr_relay_map from here on, for one container and one piece. */
+	int rc = hr_table_insert(d->table, vs, ve, ps, flags);
+	if (rc < 0) {
+		hr_result_init(res, HR_T_MAP, domain, vs, ve);
+		if (rc == -EEXIST)
+			return hr_refuse(res, HR_S_INVAL, HR_R_OVERLAP); /* D-24 */
+		return hr_refuse(res, HR_S_NOMEM, HR_R_LIMIT);
+	}
+	rc = c_map(c, vs, size, hva, hr_dma_flags(flags));
+	if (rc < 0) {
+		hr_table_remove_exact(d->table, vs, ve);
+		hr_result_init(res, HR_T_MAP, domain, vs, ve);
+		return kernel_failed(res, -rc, 0);
+	}
+	hr_account_map(r, c, 1, size);
+	return HR_S_OK;
+}
+
+/* What nearly every UNMAP through the ring is: exactly one mapping of a
+ * plain domain, of one RAM piece.  As map_common: -1 (nothing changed)
+ * sends anything else to hr_relay_unmap. */
+static int unmap_common(hr_relay *r, const struct hr_req *q, struct hr_result *res)
+{
+	uint64_t vs = q->start, ve = q->end, hva, got = 0;
+	uint32_t domain = q->domain;
+	struct hr_mapping one;
+
+	if (q->flags || ve < vs)
+		return -1;
+	struct hr_domain *d = hr_find_hot(r, domain);
+	if (!d || !d->plain)
+		return -1;
+	uint64_t size = ve - vs + 1;
+	if (!size || !hr_table_find_mark(d->table, vs, ve, &one))
+		return -1;
+	if ((one.flags & 7) - 1 <= 2) { /* hr_in_containers: READ and/or WRITE, not MMIO */
+		if (hr_piece(r, one.phys, size, &hva) != size)
+			return -1;
+		/* hr_relay_unmap from here on, for one container and one piece. */
+		struct hr_container *c = d->cont[0];
+		int rc = c_unmap(c, vs, size, &got);
+		if (rc < 0) {
+			hr_result_init(res, HR_T_UNMAP, domain, vs, ve);
+			return kernel_failed(res, -rc, 0);
+		}
+		hr_account_unmap(r, c, 1, size);
+	} else {
+		got = size; /* never in the container: nothing to ask it */
+	}
+	hr_table_remove_marked(d->table); /* found above, unchanged since */
+	if (got != size) {
+		hr_result_init(res, HR_T_UNMAP, domain, vs, ve);
+		res->container = 0;
+		res->got = got;
+		return hr_refuse(res, HR_S_DEVERR, HR_R_MISMATCH);
+	}
+	return HR_S_OK;
+}
+
+int hr_ring_execute(hr_relay *r, const struct hr_req *q, struct hr_result *res)
+{
+	int st = q->type == HR_T_MAP ? map_common(r, q, res) : unmap_common(r, q, res);
+
+	return st >= 0 ? st : hr_execute(r, q, res);
+}

@@ -32,14 +32,22 @@ int hr_parse_plain(const uint8_t *req, uint64_t rlen, uint64_t wlen, struct hr_r
 	/* req may be guest memory the driver can rewrite while we read it:
 	 * every field is read exactly once, into q, and only q is checked and
 	 * used. */
-	if (rlen < 1 || wlen != 4)
-		return 0;
-	q->type = __atomic_load_n(req, __ATOMIC_RELAXED);
 	const uint8_t *b = req + 4; /* head.reserved ignored (D-09) */
-	if (q->type == HR_T_MAP && rlen == HR_MAP_REQ_SIZE) {
+
+	if (wlen != 4)
+		return 0;
+	/* The length first: then the type byte is read only where it can make
+	 * the request plain. */
+	if (rlen == HR_MAP_REQ_SIZE) {
+		q->type = __atomic_load_n(req, __ATOMIC_RELAXED);
+		if (q->type != HR_T_MAP)
+			return 0;
 		q->phys = le64(b + 20);
 		q->flags = le32(b + 28);
-	} else if (q->type == HR_T_UNMAP && rlen == HR_UNMAP_REQ_SIZE) {
+	} else if (rlen == HR_UNMAP_REQ_SIZE) {
+		q->type = __atomic_load_n(req, __ATOMIC_RELAXED);
+		if (q->type != HR_T_UNMAP)
+			return 0;
 		q->flags = le32(b + 20);
 	} else {
 		return 0;

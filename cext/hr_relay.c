@@ -46,6 +46,8 @@ int hr_status_for_errno(int err)
 
 /* --------------------------------------------------------- configuration */
 
+static void domain_changed(const hr_relay *r, struct hr_domain *d);
+
 hr_relay *hr_relay_new(void)
 {
 	hr_relay *r = calloc(1, sizeof(*r));
@@ -56,6 +58,7 @@ hr_relay *hr_relay_new(void)
 		free(r);
 		return NULL;
 	}
+	r->ghot = &r->mem.r[0]; /* size 0 until memory is set */
 	r->granule = 4096;
 	r->input_end = UINT64_MAX;
 	r->domain_end = UINT32_MAX;
@@ -89,7 +92,13 @@ void hr_relay_unlock(hr_relay *r)
 
 int hr_relay_set_memory(hr_relay *r, const struct hr_gmem_region *regions, uint32_t n)
 {
-	return hr_gmem_set(&r->mem, regions, n);
+	int rc = hr_gmem_set(&r->mem, regions, n);
+
+	/* The slots past n hold no region (size 0), so hr_piece's hint needs
+	 * no bound check. */
+	if (rc == 0)
+		memset(&r->mem.r[n], 0, (HR_GMEM_MAX_REGIONS - n) * sizeof(r->mem.r[0]));
+	return rc;
 }
 
 const struct hr_gmem *hr_relay_memory(const hr_relay *r)
@@ -113,6 +122,8 @@ void hr_relay_configure(hr_relay *r, uint64_t granule, uint64_t input_start, uin
 	r->map_flags_mask = map_flags_mask;
 	r->max_mappings = max_mappings;
 	r->max_writable = max_writable;
+	for (uint32_t i = 0; i < r->ndom; i++)
+		domain_changed(r, &r->dom[i]);
 }
 
 void hr_relay_set_memlock(hr_relay *r, uint64_t limit, uint64_t baseline)
@@ -127,6 +138,14 @@ uint64_t hr_relay_charged(const hr_relay *r)
 }
 
 /* -------------------------------------------------------- domain registry */
+
+/* After any change to what d->plain sums up (the domain range is the
+ * configuration's: hr_relay_configure redoes every domain). */
+static void domain_changed(const hr_relay *r, struct hr_domain *d)
+{
+	d->plain = !d->bypass && !d->custom && d->ncont == 1 && d->id >= r->domain_start &&
+		   d->id <= r->domain_end;
+}
 
 struct hr_domain *hr_find(const hr_relay *r, uint32_t id, uint32_t *pos)
 {
@@ -158,8 +177,10 @@ int hr_relay_domain_add(hr_relay *r, uint32_t id, hr_table *table, int bypass)
 		r->dom = d;
 		r->capdom = cap;
 	}
+	r->hot = NULL; /* r->dom moves */
 	memmove(&r->dom[pos + 1], &r->dom[pos], (r->ndom - pos) * sizeof(*r->dom));
 	r->dom[pos] = (struct hr_domain){ .id = id, .bypass = !!bypass, .table = table };
+	domain_changed(r, &r->dom[pos]);
 	r->ndom++;
 	return 0;
 }
@@ -173,6 +194,7 @@ int hr_relay_domain_remove(hr_relay *r, uint32_t id)
 		return -ENOENT;
 	free(d->resv);
 	free(d->cont);
+	r->hot = NULL; /* r->dom moves */
 	memmove(&r->dom[pos], &r->dom[pos + 1], (r->ndom - pos - 1) * sizeof(*r->dom));
 	r->ndom--;
 	return 0;
@@ -204,6 +226,7 @@ int hr_relay_domain_set_custom(hr_relay *r, uint32_t id, int custom)
 	if (!d)
 		return -ENOENT;
 	d->custom = !!custom;
+	domain_changed(r, d);
 	return 0;
 }
 
@@ -223,6 +246,7 @@ int hr_relay_domain_set_containers(hr_relay *r, uint32_t id, struct hr_container
 	free(d->cont);
 	d->cont = cont;
 	d->ncont = n;
+	domain_changed(r, d);
 	return 0;
 }
 

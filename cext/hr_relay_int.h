@@ -39,6 +39,8 @@ struct hr_domain {
 	uint32_t id;
 	uint32_t bypass;
 	uint32_t custom; /* has a backend only Python can drive: checks here, fan-out there */
+	uint32_t plain;  /* !bypass && !custom && ncont == 1, id in the domain range: the ring's
+			  * common case (hr_ring_execute) */
 	hr_table *table;
 	uint32_t nresv;
 	uint32_t ncont;
@@ -55,8 +57,8 @@ struct hr_relay {
 	uint32_t ndom, capdom;
 	struct hr_domain *dom; /* sorted by id */
 	pthread_mutex_t lock;  /* the relay's one lock (hr_relay_lock) */
-	uint32_t hot;          /* index of the domain the last request named (hr_find_hot) */
-	uint32_t ghot;         /* index of the RAM region the last MAP used (hr_piece) */
+	struct hr_domain *hot; /* the domain the last request named (hr_find_hot), or NULL */
+	const struct hr_gmem_region *ghot; /* the slot of mem.r the last MAP used (hr_piece) */
 };
 
 /* A plain MAP/UNMAP (the readable part exactly head + body, the writable
@@ -119,18 +121,17 @@ static inline uint32_t hr_dma_flags(uint32_t flags)
 struct hr_domain *hr_find(const hr_relay *r, uint32_t id, uint32_t *pos);
 
 /* hr_find for the request path: a burst of requests names one domain over
- * and over, so the last one found is tried first (an index, checked by id,
- * so adding or removing domains cannot leave it dangling). */
+ * and over, so the last one found is tried first (checked by id; adding or
+ * removing a domain, which moves r->dom, clears it). */
 static inline struct hr_domain *hr_find_hot(hr_relay *r, uint32_t id)
 {
-	uint32_t pos = r->hot;
-	struct hr_domain *d;
+	struct hr_domain *d = r->hot;
 
-	if (pos < r->ndom && r->dom[pos].id == id)
-		return &r->dom[pos];
-	d = hr_find(r, id, &pos);
+	if (d && d->id == id)
+		return d;
+	d = hr_find(r, id, NULL);
 	if (d)
-		r->hot = pos;
+		r->hot = d;
 	return d;
 }
 
@@ -157,12 +158,32 @@ int hr_check_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 int hr_check_limits(const hr_relay *r, const struct hr_domain *d, uint64_t pieces, uint64_t size,
 		    struct hr_result *res);
 
+/* Whether RLIMIT_MEMLOCK leaves room for `more` bytes (type1 charges every
+ * vfio_dma's pages to locked_vm, Linux >= 3.x vfio_lock_acct, once per
+ * container and per mapping; unless the process has CAP_IPC_LOCK). */
+static inline int hr_memlock_ok(const hr_relay *r, uint64_t more)
+{
+	if (r->memlock_limit == UINT64_MAX)
+		return 1;
+	uint64_t used = r->memlock_baseline + r->charged;
+	return used <= r->memlock_limit && more <= r->memlock_limit - used;
+}
+
 /* The host address and length of the guest RAM piece at gpa (at most size),
  * or 0 if gpa is not RAM. */
 uint64_t hr_piece(hr_relay *r, uint64_t gpa, uint64_t size, uint64_t *hva);
 /* Number of pieces of [gpa, gpa+size) (size > 0), or 0 if any byte is not
  * RAM; *hva is where the first piece starts. */
 uint64_t hr_count_pieces(hr_relay *r, uint64_t gpa, uint64_t size, uint64_t *hva);
+
+/* ---- the ring's common case (hr_fanout.c) */
+
+/* hr_execute for the ring (hr_relay_process): the common MAP/UNMAP (a plain
+ * domain, a MAP of one RAM piece, an UNMAP naming exactly one mapping) done
+ * by one specialised path, anything else by hr_execute.  Same statuses,
+ * same changes, same kernel calls; but res is filled only when the status
+ * is not HR_S_OK (the ring reads it only then). */
+int hr_ring_execute(hr_relay *r, const struct hr_req *q, struct hr_result *res);
 
 /* ---- framing (hr_frame.c) */
 

@@ -66,8 +66,9 @@ struct hr_table {
 	/* Recycled nodes (linked through ->spare_next). */
 	union hr_node *spare;
 	uint32_t nspare;
-	/* Where hr_table_find_mark last found its mapping; any change to the
-	 * tree clears it (hr_unmark), so it is either exact or NULL. */
+	/* Where hr_table_find_mark last found its mapping, or where the last
+	 * insert put one; any other change to the tree clears it (hr_unmark),
+	 * so it is either exact or NULL. */
 	struct hr_leaf *mark;
 	uint32_t mark_i;
 };
@@ -356,7 +357,7 @@ int hr_table_insert(hr_table *t, uint64_t start, uint64_t end, uint64_t phys,
 
 	if (start > end)
 		return -EINVAL;
-	hr_unmark(t);
+	/* No hr_unmark: a refusal changes nothing, and a success marks. */
 	if (!t->root) {
 		t->root = hr_node_get(t);
 		if (!t->root)
@@ -416,6 +417,10 @@ int hr_table_insert(hr_table *t, uint64_t start, uint64_t end, uint64_t phys,
 	l->flags[i] = flags;
 	l->n++;
 	t->count++;
+	/* Marked, as hr_table_find_mark would: the relay's UNMAP of a mapping
+	 * it has just made then finds it with no descent. */
+	t->mark = l;
+	t->mark_i = i;
 	return 0;
 }
 
@@ -690,14 +695,31 @@ int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct 
 
 int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
 {
-	uint32_t i = 0;
-	struct hr_leaf *l = hr_exact(t, start, end, &i);
+	uint32_t i = t->mark_i;
+	struct hr_leaf *l = t->mark;
+
+	/* Already marked (a mark is exact: any change clears or moves it). */
+	if (!l || l->start[i] != start || l->end[i] != end)
+		l = hr_exact(t, start, end, &i);
 
 	t->mark = l;
 	t->mark_i = i;
 	if (l && out)
 		hr_export((struct hr_pos){ l, i }, out);
 	return l != NULL;
+}
+
+int hr_table_remove_marked(hr_table *t)
+{
+	struct hr_leaf *l = t->mark;
+
+	if (t->height && l->n <= HR_LEAF_MIN)
+		return hr_table_remove_exact(t, l->start[t->mark_i], l->end[t->mark_i]);
+	hr_unmark(t);
+	hr_leaf_move(l, t->mark_i, l, t->mark_i + 1, l->n - t->mark_i - 1);
+	l->n--;
+	t->count--;
+	return 1;
 }
 
 int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end)

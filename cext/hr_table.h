@@ -71,6 +71,9 @@ int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct 
  * in between) needs no second descent: the relay's UNMAP finds the mapping,
  * asks the kernel, then removes it. */
 int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out);
+/* hr_table_remove_exact of the mapping hr_table_find_mark has just found
+ * (it returned 1, and nothing changed the table since): 1. */
+int hr_table_remove_marked(hr_table *t);
 /* Remove the mapping that is exactly [start, end]: 1 if removed, else 0. */
 int hr_table_remove_exact(hr_table *t, uint64_t start, uint64_t end);
 
