@@ -56,7 +56,13 @@ from hostrelay._native import ffi, lib
 from hostrelay.backends.fanout import FanOutAddressSpace
 from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.space import MappedSpace
-from hostrelay.backends.type1 import HostReserved, MemlockBudget, has_cap_ipc_lock, read_reserved_regions
+from hostrelay.backends.type1 import (
+    HostReserved,
+    MemlockBudget,
+    has_cap_ipc_lock,
+    has_capability,
+    read_reserved_regions,
+)
 from hostrelay.kernel import iommufd as k
 from hostrelay.kernel.errors import VfioError
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, IovaRange
@@ -332,16 +338,14 @@ class IommufdAddressSpace:
         """The relay's ``/dev/iommu``, opened on first use."""
         if self._fd is None:
             fd = k.Iommufd(self.iommu_path)
-            if not has_cap_ipc_lock() and _has_cap(CAP_SYS_RESOURCE):
+            if not has_cap_ipc_lock() and has_capability(CAP_SYS_RESOURCE):
                 # Charge mm->locked_vm like type1, so one budget predicts
                 # both (IOMMU_OPTION_RLIMIT_MODE, Linux >= 6.2).
-                set_mode = getattr(fd, "set_rlimit_mode", None)
-                if set_mode is not None:
-                    try:
-                        set_mode(True)
-                        self.per_process = True
-                    except OSError as exc:
-                        log.warning("iommufd: per-process memlock accounting refused: %s", exc)
+                try:
+                    fd.set_rlimit_mode(True)
+                    self.per_process = True
+                except OSError as exc:
+                    log.warning("iommufd: per-process memlock accounting refused: %s", exc)
             self._fd = fd
         return self._fd
 
@@ -534,12 +538,4 @@ def _intersect(sets: Iterable[tuple[IovaRange, ...]]) -> tuple[IovaRange, ...]:
             continue
         out = [(max(a, c), min(b, d)) for a, b in out for c, d in cur if max(a, c) <= min(b, d)]
     return tuple(IovaRange(a, b) for a, b in out or ())
-
-
-def _has_cap(bit: int, path: str = "/proc/self/status") -> bool:
-    with open(path, encoding="ascii") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> bit & 1)
-    return False
 

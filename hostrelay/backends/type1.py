@@ -47,6 +47,7 @@ __all__ = [
     "UnmapMismatch",
     "VfioBackend",
     "has_cap_ipc_lock",
+    "has_capability",
     "locked_bytes",
     "read_reserved_regions",
 ]
@@ -71,10 +72,15 @@ def _status_field(name: str, path: str = "/proc/self/status") -> str | None:
     return None
 
 
+def has_capability(bit: int, path: str = "/proc/self/status") -> bool:
+    """True if this process has capability ``bit`` in its effective set (``CapEff``)."""
+    value = _status_field("CapEff", path)
+    return value is not None and bool(int(value, 16) >> bit & 1)
+
+
 def has_cap_ipc_lock(path: str = "/proc/self/status") -> bool:
     """True if this process has CAP_IPC_LOCK in its effective set (``CapEff`` bit 14)."""
-    value = _status_field("CapEff", path)
-    return value is not None and bool(int(value, 16) >> CAP_IPC_LOCK & 1)
+    return has_capability(CAP_IPC_LOCK, path)
 
 
 def locked_bytes(path: str = "/proc/self/status") -> int:
