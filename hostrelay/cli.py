@@ -367,5 +367,72 @@ def udev_rules_cmd(unix_group: str | None, mode: str, selectors: tuple[str, ...]
         raise click.BadParameter(str(exc)) from exc
 
 
+# ------------------------------------------------------------ firmware tables
+# Front end only: building, parsing and checking live in hostrelay.firmware.viot.
+def _viot_bdf(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from hostrelay.firmware.viot import Bdf, ViotError
+
+    try:
+        return None if value is None else Bdf.parse(value)
+    except ViotError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _viot_ranges(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[Any]:
+    from hostrelay.firmware.viot import Bdf, PciRange, ViotError
+
+    ranges = []
+    for value in values:
+        first, sep, last = value.partition("-")
+        try:
+            ranges.append(PciRange.between(Bdf.parse(first), Bdf.parse(last) if sep else Bdf.parse(first)))
+        except ViotError as exc:
+            raise click.BadParameter(f"{value}: {exc}") from exc
+    return ranges
+
+
+@main.command("viot")
+@click.option("--iommu", callback=_viot_bdf, metavar="BDF", help="The virtio-iommu's PCI address as the guest sees it, [SSSS:]BB:DD.F.")
+@click.option("--endpoints", "ranges", multiple=True, callback=_viot_ranges, metavar="BDF[-BDF]",
+              help="PCI functions the virtio-iommu manages (inclusive range, one segment); repeatable. "
+                   "Endpoint IDs are the functions' requester IDs (bus << 8 | devfn).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write the table here.")
+@click.option("--check", "check_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Instead: validate this VIOT file (layout, lengths, checksum) and print what it describes.")
+def viot_cmd(iommu: Any, ranges: list[Any], output: Path | None, check_file: Path | None) -> None:
+    """Write an ACPI VIOT naming a virtio-iommu and the endpoints it manages, for QEMU's -acpitable file=.
+
+    QEMU generates its own VIOT only for its built-in virtio-iommu-pci; a
+    virtio-iommu served over vhost-user needs this table, or the guest's
+    driver binds but manages no endpoint.
+    """
+    from hostrelay.firmware.viot import ViotError, ViotTable, VirtioPciIommu, build, parse, summary
+
+    if check_file is not None:
+        if iommu is not None or ranges or output is not None:
+            raise click.UsageError("--check FILE takes no other option")
+        try:
+            table = parse(check_file.read_bytes())
+        except ViotError as exc:
+            raise click.ClickException(f"{check_file}: not a valid VIOT: {exc}") from exc
+        click.echo(f"{check_file}: valid")
+        for line in summary(table):
+            click.echo(line)
+        return
+    missing = [name for name, v in (("--iommu", iommu), ("--endpoints", ranges), ("-o", output)) if not v]
+    if missing:
+        raise click.UsageError(f"give {', '.join(missing)} (or --check FILE)")
+    assert output is not None
+    try:
+        table = ViotTable((VirtioPciIommu(iommu),), tuple(ranges))
+        data = build(table)
+    except ViotError as exc:  # every refusal left is about the ranges: overlap, or covering the IOMMU
+        raise click.BadParameter(str(exc), param_hint="'--endpoints'") from exc
+    output.write_bytes(data)
+    click.echo(f"wrote {output} ({len(data)} bytes)")
+    for line in summary(table):
+        click.echo(line)
+
+
 if __name__ == "__main__":
     main()
