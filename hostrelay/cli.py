@@ -411,13 +411,16 @@ def viot_cmd(iommu: Any, ranges: list[Any], output: Path | None, check_file: Pat
     if check_file is not None:
         if iommu is not None or ranges or output is not None:
             raise click.UsageError("--check FILE takes no other option")
+        data = check_file.read_bytes()
         try:
-            table = parse(check_file.read_bytes())
+            table = parse(data)
         except ViotError as exc:
             raise click.ClickException(f"{check_file}: not a valid VIOT: {exc}") from exc
         click.echo(f"{check_file}: valid")
         for line in summary(table):
             click.echo(line)
+        if build(table, allow_iommu_in_range=True)[36:] != data[36:]:
+            click.echo("  (node offsets above are hostrelay's layout, IOMMU nodes first; the file orders its nodes otherwise)")
         return
     missing = [name for name, v in (("--iommu", iommu), ("--endpoints", ranges), ("-o", output)) if not v]
     if missing:
