@@ -304,8 +304,10 @@ static int map_common(hr_relay *r, const struct hr_req *q, struct hr_result *res
 	struct hr_container *c = d->cont[0];
 	if (c->avail < 1 || !hr_memlock_ok(r, size))
 		return -1;
-	/* hr_relay_map from here on, for one container and one piece. */
-	int rc = hr_table_insert(d->table, vs, ve, ps, flags);
+	/* hr_relay_map from here on, for one container and one piece.  The
+	 * note tells unmap_common that the kernel holds it as one entry, so
+	 * that its UNMAP needs no look at guest memory. */
+	int rc = hr_table_insert(d->table, vs, ve, ps, flags | HR_TABLE_F_NOTE);
 	if (rc < 0) {
 		hr_result_init(res, HR_T_MAP, domain, vs, ve);
 		if (rc == -EEXIST)
@@ -322,14 +324,14 @@ static int map_common(hr_relay *r, const struct hr_req *q, struct hr_result *res
 	return HR_S_OK;
 }
 
-/* What nearly every UNMAP through the ring is: exactly one mapping of a
- * plain domain, of one RAM piece.  As map_common: -1 (nothing changed)
- * sends anything else to hr_relay_unmap. */
+/* What nearly every UNMAP through the ring is: exactly one mapping that
+ * map_common made (HR_TABLE_F_NOTE: one RAM piece granting READ and/or
+ * WRITE, one kernel entry) in a plain domain.  As map_common: -1 (nothing
+ * changed) sends anything else to hr_relay_unmap. */
 static int unmap_common(hr_relay *r, const struct hr_req *q, struct hr_result *res)
 {
-	uint64_t vs = q->start, ve = q->end, hva, got = 0;
+	uint64_t vs = q->start, ve = q->end, got = 0;
 	uint32_t domain = q->domain;
-	struct hr_mapping one;
 
 	if (q->flags || ve < vs)
 		return -1;
@@ -337,22 +339,17 @@ static int unmap_common(hr_relay *r, const struct hr_req *q, struct hr_result *r
 	if (!d || !d->plain)
 		return -1;
 	uint64_t size = ve - vs + 1;
-	if (!size || !hr_table_find_mark(d->table, vs, ve, &one))
+	int64_t f = size ? hr_table_mark_flags(d->table, vs, ve) : -1;
+	if (f < 0 || !(f & HR_TABLE_F_NOTE))
 		return -1;
-	if ((one.flags & 7) - 1 <= 2) { /* hr_in_containers: READ and/or WRITE, not MMIO */
-		if (hr_piece(r, one.phys, size, &hva) != size)
-			return -1;
-		/* hr_relay_unmap from here on, for one container and one piece. */
-		struct hr_container *c = d->cont[0];
-		int rc = c_unmap(c, vs, size, &got);
-		if (rc < 0) {
-			hr_result_init(res, HR_T_UNMAP, domain, vs, ve);
-			return kernel_failed(res, -rc, 0);
-		}
-		hr_account_unmap(r, c, 1, size);
-	} else {
-		got = size; /* never in the container: nothing to ask it */
+	/* hr_relay_unmap from here on, for one container and one piece. */
+	struct hr_container *c = d->cont[0];
+	int rc = c_unmap(c, vs, size, &got);
+	if (rc < 0) {
+		hr_result_init(res, HR_T_UNMAP, domain, vs, ve);
+		return kernel_failed(res, -rc, 0);
 	}
+	hr_account_unmap(r, c, 1, size);
 	hr_table_remove_marked(d->table); /* found above, unchanged since */
 	if (got != size) {
 		hr_result_init(res, HR_T_UNMAP, domain, vs, ve);

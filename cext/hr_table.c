@@ -213,7 +213,7 @@ static void hr_export(struct hr_pos p, struct hr_mapping *out)
 	out->start = p.l->start[p.i];
 	out->end = p.l->end[p.i];
 	out->phys = p.l->phys[p.i];
-	out->flags = p.l->flags[p.i];
+	out->flags = p.l->flags[p.i] & ~HR_TABLE_F_NOTE;
 }
 
 /* Move n mappings from slot si of s to slot di of d (memmove: s may be d). */
@@ -707,6 +707,18 @@ int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapp
 	if (l && out)
 		hr_export((struct hr_pos){ l, i }, out);
 	return l != NULL;
+}
+
+int64_t hr_table_mark_flags(hr_table *t, uint64_t start, uint64_t end)
+{
+	uint32_t i = t->mark_i;
+	struct hr_leaf *l = t->mark;
+
+	if (!l || l->start[i] != start || l->end[i] != end)
+		l = hr_exact(t, start, end, &i);
+	t->mark = l;
+	t->mark_i = i;
+	return l ? (int64_t)l->flags[i] : -1;
 }
 
 int hr_table_remove_marked(hr_table *t)

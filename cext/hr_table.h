@@ -32,6 +32,12 @@ struct hr_mapping {
 	uint32_t flags; /* VIRTIO_IOMMU_MAP_F_* */
 };
 
+/* A flag bit the table's owner may set on insert for its own use.  The
+ * table keeps it but never exports it (a struct hr_mapping never has it);
+ * only hr_table_mark_flags returns it.  The data plane sets it on a mapping
+ * it knows the kernel holds as one entry of one RAM piece (hr_fanout.c). */
+#define HR_TABLE_F_NOTE (1u << 31)
+
 /* A new empty table, or NULL when out of memory. */
 hr_table *hr_table_new(void);
 /* Free the table and every node; NULL is fine. */
@@ -71,6 +77,9 @@ int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct 
  * in between) needs no second descent: the relay's UNMAP finds the mapping,
  * asks the kernel, then removes it. */
 int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out);
+/* hr_table_find_mark, giving back only the mapping's flags with
+ * HR_TABLE_F_NOTE as inserted, or -1 if no mapping is exactly [start, end]. */
+int64_t hr_table_mark_flags(hr_table *t, uint64_t start, uint64_t end);
 /* hr_table_remove_exact of the mapping hr_table_find_mark has just found
  * (it returned 1, and nothing changed the table since): 1. */
 int hr_table_remove_marked(hr_table *t);
