@@ -89,10 +89,13 @@ def testbed() -> None:
 @click.option("--icount", is_flag=True,
               help="Run the guest under QEMU's instruction counter (-icount shift=0,sleep=off): timings are in guest "
                    "instructions (1 ns each) and repeat from boot to boot.")
+@click.option("--qemu", type=click.Choice(["host", "newer"]), default="host", show_default=True,
+              help="The host's QEMU, or a newer one (Debian trixie-backports', in a private root under "
+                   "~/.cache/hostrelay, provisioned on first use, ~1 min).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
-                modules: Path | None, memory_mb: int, iommufd: bool, icount: bool, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
+                modules: Path | None, memory_mb: int, iommufd: bool, icount: bool, qemu: str, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
     """Boot the testbed, run CMD as root in it, power off; exit with CMD's status.
 
     The guest sees the host's root filesystem read-only with a writable
@@ -112,7 +115,7 @@ def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports
 
     config = TestbedConfig(iommu=iommu, edu=edu, nvme=nvme, bridged_edu=bridged_edu, hotplug_ports=hotplug_ports,
                            kernel_args=kernel_args, kernel=kernel,
-                           modules=modules, memory_mb=memory_mb, icount=icount, iommufd=iommufd)  # fmt: skip
+                           modules=modules, memory_mb=memory_mb, icount=icount, iommufd=iommufd, qemu=qemu)  # fmt: skip
     try:
         result = run(cmd, config, timeout=timeout, on_output=out, log=log)
     except TestbedSetupError as exc:
