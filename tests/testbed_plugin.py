@@ -15,7 +15,8 @@ that is a failure: CI must run them.
 
 Marker: ``@pytest.mark.vfio(iommu=("intel", "virtio"), edu=1, nvme=0,
 bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False, iommufd=False,
-backend=("type1",))`` (see ``TestbedConfig``).  A test listing several IOMMUs takes a ``vfio_iommu``
+backend=("type1",), qemu="host")`` (see ``TestbedConfig``; ``qemu="newer"`` boots the
+newer QEMU, provisioned on first use like the iommufd kernel is built).  A test listing several IOMMUs takes a ``vfio_iommu``
 argument and is parametrized over them.  A test (or fixture) taking ``vfio_backend``
 is parametrized over ``backend`` (the relay's ``backend=`` for VFIO endpoints);
 its ``"iommufd"`` case runs in the iommufd kernel's boot (``iommufd=True``).
@@ -61,6 +62,7 @@ class GroupKey:
     kernel_args: tuple[str, ...]
     icount: bool = False
     iommufd: bool = False
+    qemu: str = "host"
 
     def describe(self) -> str:
         extra = f" --bridged-edu {self.bridged_edu}" if self.bridged_edu else ""
@@ -68,6 +70,7 @@ class GroupKey:
         extra += "".join(f" --kernel-arg {a}" for a in self.kernel_args)
         extra += " --icount" if self.icount else ""
         extra += " --iommufd" if self.iommufd else ""
+        extra += f" --qemu {self.qemu}" if self.qemu != "host" else ""
         return f"--iommu {self.iommu} --edu {self.edu} --nvme {self.nvme}{extra}"
 
     def testbed_config(self) -> Any:
@@ -75,7 +78,7 @@ class GroupKey:
 
         return TestbedConfig(iommu=self.iommu, edu=self.edu, nvme=self.nvme, bridged_edu=self.bridged_edu,
                              hotplug_ports=self.hotplug_ports, kernel_args=self.kernel_args,
-                             icount=self.icount, iommufd=self.iommufd)  # fmt: skip
+                             icount=self.icount, iommufd=self.iommufd, qemu=self.qemu)  # fmt: skip
 
 
 def _marker_iommus(marker: pytest.Mark) -> tuple[str, ...]:
@@ -100,7 +103,7 @@ def group_key(item: pytest.Item) -> GroupKey:
     iommufd = bool(kw.get("iommufd", False)) or backend == "iommufd"
     return GroupKey(iommu, int(kw.get("edu", 1)), int(kw.get("nvme", 0)), int(kw.get("bridged_edu", 0)),
                     int(kw.get("hotplug_ports", 0)), tuple(sorted(args)), bool(kw.get("icount", False)),
-                    iommufd)  # fmt: skip
+                    iommufd, str(kw.get("qemu", "host")))  # fmt: skip
 
 
 def _marker_backends(marker: pytest.Mark) -> tuple[str, ...]:
@@ -213,7 +216,8 @@ class TestbedRunner:
         if reporter is not None:
             reporter.write_line(f"\n[testbed] booting {key.describe()} for {len(nodeids)} VFIO tests", yellow=True)
         # Progress of what the testbed prepares first (a kernel fetched or,
-        # for --iommufd, built: ~11 min the first time) shows as it happens.
+        # for --iommufd, built: ~11 min the first time; for --qemu newer, the
+        # newer QEMU's root: ~1 min) shows as it happens.
         capture = self.config.pluginmanager.getplugin("capturemanager")
 
         def log(line: str) -> None:
@@ -262,7 +266,7 @@ class TestbedRunner:
         self.results[key] = outcomes
         self.timings.append(
             f"{key.describe()}: {len(nodeids)} tests, boot {result.boot_seconds or 0:.1f} s, "
-            f"total {time.monotonic() - started:.1f} s, kernel {result.kernel}{retried}"
+            f"total {time.monotonic() - started:.1f} s, kernel {result.kernel}, QEMU {result.qemu}{retried}"
         )
 
 
@@ -285,6 +289,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             key = group_key(item)
             if flavour and key.iommu != flavour:
                 item.add_marker(pytest.mark.skip(reason=f"needs the {key.iommu} testbed, this is {flavour}"))
+            elif key.qemu == "newer" and not (flavour and os.environ.get("HOSTRELAY_TESTBED_QEMU") == "newer"):
+                # Only a requirement for the newer QEMU skips: the other tests
+                # run on whichever QEMU the testbed was booted with.
+                item.add_marker(pytest.mark.skip(reason="needs the testbed on the newer QEMU (testbed run --qemu newer)"))
             elif key.iommufd and not Path("/dev/iommu").exists():
                 item.add_marker(pytest.mark.skip(reason="needs a kernel with IOMMUFD (/dev/iommu): testbed run --iommufd"))
             elif not flavour and key.iommu != "intel" and "vfio_iommu" in getattr(item, "fixturenames", ()):
