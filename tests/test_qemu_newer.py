@@ -2,7 +2,7 @@
 
 Three kinds of test: unit tests of the argv and the provisioning's bookkeeping
 (no VM); host-side tests of the real provisioned root (QEMU 11.1 from Debian
-trixie-backports when written; provisioned here on first use, ~45 s); and VFIO
+trixie-backports when written; provisioned here on first use, about a minute); and VFIO
 tests that boot on it and check, from inside the guest, that the guest runs on
 that QEMU and that VFIO DMA works there.
 """
