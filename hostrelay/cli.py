@@ -58,6 +58,62 @@ def demo_cmd(devices: tuple[str, ...], iommu: str, timeout: float, backend: str)
         sys.exit(1)
 
 
+def _edu_spec(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for v in values:
+        path, sep, bdf = v.rpartition("@")
+        if not sep or not path or not bdf:
+            raise click.BadParameter(f"{v!r} is not SOCKET@BDF", ctx, param)
+        out.append((path, bdf))
+    return out
+
+
+@main.command("serve")
+@click.option("--vhost-user", "vhost_user", required=True, metavar="SOCKET",
+              help="Listen here for a vhost-user front end (QEMU: -chardev socket,path=SOCKET "
+                   "-device vhost-user-test-device-pci,virtio-id=23,num_vqs=2,config_size=40).")
+@click.option("--edu", "edus", multiple=True, metavar="SOCKET@BDF", callback=_edu_spec,
+              help="Also serve an emulated edu endpoint over vfio-user on SOCKET, as PCI function BDF (repeatable).")
+@click.option("--bypass/--no-bypass", default=True, show_default=True, help="Config bypass at reset.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each connection and reset.")
+def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, verbose: bool) -> None:
+    """Serve the virtio-iommu device to a VMM over vhost-user until SIGTERM or SIGINT.
+
+    One front end at a time; after a disconnect (the device is reset) the
+    next one is served.  Errors in what a front end sends are logged and end
+    its connection, not the server.
+    """
+    import importlib
+    import logging
+
+    from hostrelay.backends.memory import GuestMemory
+    from hostrelay.frontends.vhost_user import FrontEndFactory, serve
+    from hostrelay.relay import Relay
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="hostrelay serve: %(levelname)s %(message)s")  # fmt: skip
+    factories: list[FrontEndFactory] = []
+    if edus:
+        try:
+            vfio_user = importlib.import_module("hostrelay.frontends.vfio_user")
+        except ModuleNotFoundError:
+            click.echo("hostrelay serve: --edu is not available yet (this build has no "
+                       "hostrelay.frontends.vfio_user)", err=True)  # fmt: skip
+            sys.exit(2)
+        # The vfio-user module's hook: edu_frontend(socket_path, bdf) -> FrontEndFactory.
+        factories = [vfio_user.edu_frontend(path, bdf) for path, bdf in edus]
+    relay = Relay(GuestMemory(), bypass=bypass)
+    try:
+        serve(vhost_user, relay, frontends=factories,
+              ready=lambda server: click.echo(f"hostrelay serve: vhost-user on {server.path}", err=True))  # fmt: skip
+    except OSError as exc:
+        click.echo(f"hostrelay serve: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        relay.close()
+        relay.memory.close()
+
+
 @main.group()
 def testbed() -> None:
     """The built-in VFIO testbed: a QEMU VM with an emulated IOMMU and DMA devices."""

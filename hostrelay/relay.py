@@ -35,7 +35,7 @@ from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.type1 import VfioBackend
 from hostrelay.dataplane.handle import DataPlane
 from hostrelay.dataplane.requests import Requests
-from hostrelay.dataplane.ring import Queues
+from hostrelay.dataplane.ring import QueuePosition, Queues
 from hostrelay.dataplane.table import MappingTable
 from hostrelay.kernel.errors import VfioError
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Device, group_of
@@ -75,6 +75,7 @@ __all__ = [
     "NoEntry",
     "NoResources",
     "OutOfRange",
+    "QueuePosition",
     "Relay",
     "RelayError",
     "TranslationFault",
@@ -473,6 +474,37 @@ class Relay:
             self._iommufd.clear()
             self._vfio_devices.clear()
 
+    def replace_memory(self, regions: Iterable[tuple[int, int, int, int]]) -> None:
+        """Make guest RAM exactly ``regions``: ``(gpa, size, fd, offset)`` each, mapped shared.
+
+        For a VMM whose memory layout arrives or changes after the relay was
+        built (vhost-user's SET_MEM_TABLE comes after the driver read the
+        config).  The fds stay the caller's: keep them open while they are
+        guest RAM.  Only allowed while nothing holds a host address of the old
+        RAM: no queue set up and no domain (so no mapping) -- a :meth:`reset`
+        gets there -- and, with VFIO endpoints, only from empty guest RAM
+        (their bypass identity maps were made from the old layout).  Raises
+        :class:`RuntimeError` otherwise and :class:`ValueError` for a bad
+        region (guest RAM is then empty).
+        """
+        wanted = list(regions)
+        with self._lock:
+            if self._queues.queues:
+                raise RuntimeError("guest memory cannot change while queues are set up (reset the device first)")
+            if self._topology.domains:
+                raise RuntimeError("guest memory cannot change while domains exist (their mappings use it)")
+            if (self._vfio or self._iommufd) and self.memory.regions:
+                raise RuntimeError("guest memory cannot change under VFIO endpoints (their identity maps use it)")
+            self.memory.clear()
+            try:
+                for gpa, size, fd, offset in wanted:
+                    self.memory.add_region(gpa, size, fd=fd, offset=offset)
+            except BaseException:
+                self.memory.clear()
+                raise
+            finally:
+                self._dp.sync_memory()
+
     # --- inspection -------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -576,15 +608,28 @@ class Relay:
         """
         return self._requests.handle_request(readable, writable_len)
 
-    def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int) -> None:
+    def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int,
+                  avail_index: int | None = None) -> None:  # fmt: skip
         """Place virtqueue ``index`` (0 = requestq, 1 = eventq) in guest memory.
 
         ``desc``, ``avail`` and ``used`` are the guest-physical addresses the
         driver wrote to the transport; ``size`` is a power of two <= 32768.
+        The device resumes at the used index in guest memory, or takes the
+        next available buffer at ``avail_index`` when given (a restored queue:
+        vhost's "vring base", see :meth:`queue_position`).
         Raises :class:`ValueError` if the geometry is invalid or the rings are
         not inside guest RAM.
         """
-        self._queues.set_queue(index, size=size, desc=desc, avail=avail, used=used)
+        self._queues.set_queue(index, size=size, desc=desc, avail=avail, used=used, avail_index=avail_index)
+
+    def queue_position(self, index: int) -> QueuePosition:
+        """Where queue ``index`` is: the next avail index the device takes, the next used index.
+
+        What a VMM saves to restore the queue later with
+        ``set_queue(..., avail_index=)`` (vhost's GET/SET_VRING_BASE, state
+        save and restore).  Raises :class:`ValueError` if it is not set up.
+        """
+        return self._queues.position(index)
 
     def process_queue(self, index: int = 0) -> int:
         """Serve every available buffer of queue ``index``; return how many were completed.

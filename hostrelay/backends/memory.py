@@ -275,6 +275,17 @@ class GuestMemory:
     def _region_of(self, gpa: int) -> Region:
         return self._regions[bisect.bisect_right(self._starts, gpa) - 1]
 
+    def clear(self) -> None:
+        """Unmap every region this object mapped and start empty (a new layout follows).
+
+        The generation moves on, so the relay's C copy of the layout follows
+        before its next use; only safe while nothing holds a host address of
+        the old regions (:meth:`hostrelay.relay.Relay.replace_memory` checks).
+        """
+        self.close()
+        self.generation += 1
+        self.generation_cell[0] = self.generation
+
     def close(self) -> None:
         """Unmap every region this object mapped."""
         for r in self._regions:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from hostrelay._native import ffi, lib
@@ -32,6 +33,21 @@ _PROCESS_CALLER: int = lib.HR_PROCESS_CALLER
 _PROCESS_IDLE: int = lib.HR_PROCESS_IDLE
 _PROCESS_BROKEN: int = lib.HR_PROCESS_BROKEN
 _PROCESS_ANY = _PROCESS_CODE | _PROCESS_ERRORS  # anything but "all done"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePosition:
+    """Where a queue's device side is (virtio 1.2 §2.7): what a VMM saves and restores.
+
+    ``next_avail`` is the avail-ring index the device takes next (vhost's
+    "vring base", what ``VHOST_USER_GET_VRING_BASE`` answers); ``used`` the
+    used-ring index it publishes next.  Both wrap at 2^16.  ``broken``: the
+    queue stopped on a driver error (:attr:`hostrelay.relay.Relay.needs_reset`).
+    """
+
+    next_avail: int
+    used: int
+    broken: bool
 
 
 class Queue:
@@ -64,10 +80,13 @@ class Queues:
         self.queues: dict[int, Queue] = {}
         self.requestq: Queue | None = None  # queues[0], for process_queue's fast path
 
-    def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int) -> None:
+    def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int,
+                  avail_index: int | None = None) -> None:  # fmt: skip
         """See :meth:`hostrelay.relay.Relay.set_queue`."""
         if index not in (0, 1):
             raise ValueError("virtio-iommu has two queues: 0 (requestq) and 1 (eventq)")
+        if avail_index is not None and not 0 <= avail_index <= 0xFFFF:
+            raise ValueError(f"queue {index}: avail index {avail_index} is not a u16")
         dp = self.dp
         with dp.lock:
             dp.sync_memory()
@@ -75,12 +94,29 @@ class Queues:
             rc = lib.hr_vq_setup(q.vq, lib.hr_relay_memory(dp.c), size, desc, avail, used)
             if rc < 0:
                 raise ValueError(f"queue {index}: invalid geometry or rings outside guest RAM (errno {-rc})")
+            if avail_index is not None:
+                # hr_vq_setup resumed at the used index in guest memory; a
+                # VMM restoring a queue says where the device had got to (the
+                # used index stays the ring's: the device completes in order,
+                # so at rest the two are equal, and the driver's memory has
+                # the one it was shown).  A position the avail index is more
+                # than a ring ahead of breaks the queue at its first walk.
+                q.vq.last_avail = avail_index
             self.queues[index] = q
             if index == 0:
                 self.requestq = q
             # A driver sets up its queues after reading the config (virtio
             # 1.2 §3.1.1 steps 5-7), so process_queue need not say it again.
             self.config.frozen = True
+
+    def position(self, index: int) -> QueuePosition:
+        """See :meth:`hostrelay.relay.Relay.queue_position`."""
+        with self.dp.lock:
+            q = self.queues.get(index)
+            if q is None:
+                raise ValueError(f"queue {index} is not set up")
+            vq = q.vq
+            return QueuePosition(int(vq.last_avail), int(vq.used_idx), bool(vq.broken))
 
     def clear(self) -> None:
         """Forget the queues (device reset; lock held)."""

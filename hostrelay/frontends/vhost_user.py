@@ -1,0 +1,797 @@
+"""The virtio-iommu device as a vhost-user back end (QEMU docs/interop/vhost-user.rst).
+
+A VMM (QEMU 11.1's ``vhost-user-test-device-pci,virtio-id=23,num_vqs=2,
+config_size=40``, or any front end) keeps the virtio transport and hands the
+device to this process: features, config space, guest RAM as memfds, the two
+rings and their eventfds.  Three parts:
+
+- :class:`VhostUserDevice`, the state machine over one :class:`~hostrelay.relay.Relay`:
+  a decoded message in, ``Relay`` calls, the reply bytes out.  Kick eventfds
+  are watched on the shared :class:`~hostrelay.frontends.loop.Loop`; a kick
+  runs ``process_queue`` and, if buffers were used, writes the ring's call
+  eventfd (no VIRTIO_RING_F_EVENT_IDX is offered, so every completion
+  interrupts).  :meth:`VhostUserDevice.deliver_events` is the door for other
+  front ends whose DMA faults must reach the event queue.
+- :class:`VhostUserConnection`, one front end's socket: framing, SCM_RIGHTS,
+  replies; any :class:`~hostrelay.frontends.vhost_user_wire.VhostUserError`
+  (or a bug) is logged and ends the connection with a device reset.
+- :class:`VhostUserServer`, the listening socket: one front end at a time,
+  the next after a disconnect.  :func:`serve` runs it with extra front ends.
+
+One relay lives as long as the server; each connection is one device
+lifetime.  The relay is built before any guest RAM exists because the
+front end asks for features and config (``GET_CONFIG`` as the guest driver
+probes) before ``SET_MEM_TABLE`` (which QEMU sends when the driver sets
+DRIVER_OK): :meth:`~hostrelay.relay.Relay.replace_memory` gives it the
+memfds when they arrive, and is refused while rings or mappings use the old
+RAM -- a changed table then ends the connection (a silent reset would drop
+the guest's domains under it).
+
+Stopping: vhost-user stops every ring with ``GET_VRING_BASE`` on a driver
+reset and on a VM stop alike (QEMU 11.1's ``virtio_device_should_start`` is
+false when the VM is not running, so ``vhost_dev_stop`` runs for both), and
+says nothing that tells them apart.  The first ``GET_VRING_BASE`` of a
+running device is therefore a device reset (:meth:`~hostrelay.relay.Relay.reset`):
+no domain of a rebooting guest survives into its next boot; the price is
+that a paused VM's domains do not survive the pause (keeping them needs
+device state transfer, ``VHOST_USER_PROTOCOL_F_DEVICE_STATE``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+from hostrelay.frontends.loop import Loop
+from hostrelay.frontends.vhost_user_wire import (
+    HEADER,
+    MAX_FDS,
+    VRING_NOFD,
+    ConfigMsg,
+    MemRegion,
+    MemTable,
+    Message,
+    ProtocolFeature,
+    Request,
+    VhostUserError,
+    VringAddr,
+    VringState,
+    close_fds,
+    config_msg,
+    decode,
+    encode,
+    parse_header,
+    u64,
+    vring_state,
+)
+from hostrelay.relay import Relay
+
+__all__ = [
+    "FrontEnd",
+    "FrontEndFactory",
+    "OFFERED_PROTOCOL_FEATURES",
+    "PROTOCOL_FEATURES_BIT",
+    "VhostUserConnection",
+    "VhostUserDevice",
+    "VhostUserError",
+    "VhostUserServer",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+#: VHOST_USER_F_PROTOCOL_FEATURES: the reserved feature bit 30 vhost-user reuses.
+PROTOCOL_FEATURES_BIT = 1 << 30
+#: What this back end offers: MQ (GET_QUEUE_NUM), REPLY_ACK, CONFIG (QEMU's
+#: vhost-user-base refuses a config_size without it), RESET_DEVICE.
+OFFERED_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.RESET_DEVICE
+)
+#: virtio-iommu has a request queue and an event queue (5.13.2).
+NUM_QUEUES = 2
+CONFIG_SIZE = 40  # struct virtio_iommu_config (5.13.4)
+#: A started message's remaining bytes must arrive within this many seconds.
+MESSAGE_TIMEOUT = 5.0
+_EVENTFD_ONE = (1).to_bytes(8, "little")  # what an eventfd write adds (the value has no meaning)
+
+# Requests that exist only behind a protocol feature this back end does not
+# offer (or a device feature it does not offer), with the reason given.
+_UNSUPPORTED = {
+    Request.SET_LOG_BASE: "dirty logging (LOG_SHMFD) is not offered",
+    Request.SET_LOG_FD: "dirty logging is not offered",
+    Request.SEND_RARP: "a net device message (RARP is not offered)",
+    Request.NET_SET_MTU: "a net device message (MTU is not offered)",
+    Request.SET_BACKEND_REQ_FD: "the back-end channel (BACKEND_REQ) is not offered",
+    Request.IOTLB_MSG: "VIRTIO_F_IOMMU_PLATFORM is not offered",
+    Request.SET_VRING_ENDIAN: "CROSS_ENDIAN is not offered (virtio 1.x is little-endian)",
+    Request.CLOSE_CRYPTO_SESSION: "a crypto device message",
+    Request.POSTCOPY_ADVISE: "postcopy (PAGEFAULT) is not offered",
+    Request.POSTCOPY_LISTEN: "postcopy (PAGEFAULT) is not offered",
+    Request.POSTCOPY_END: "postcopy (PAGEFAULT) is not offered",
+    Request.GET_INFLIGHT_FD: "INFLIGHT_SHMFD is not offered",
+    Request.SET_INFLIGHT_FD: "INFLIGHT_SHMFD is not offered",
+    Request.GPU_SET_SOCKET: "a GPU device message",
+    Request.VRING_KICK: "INBAND_NOTIFICATIONS is not offered",
+    Request.GET_MAX_MEM_SLOTS: "CONFIGURE_MEM_SLOTS is not offered",
+    Request.ADD_MEM_REG: "CONFIGURE_MEM_SLOTS is not offered",
+    Request.REM_MEM_REG: "CONFIGURE_MEM_SLOTS is not offered",
+    Request.SET_STATUS: "STATUS is not offered",
+    Request.GET_STATUS: "STATUS is not offered",
+    Request.GET_SHARED_OBJECT: "SHARED_OBJECT is not offered",
+    Request.SET_DEVICE_STATE_FD: "DEVICE_STATE is not offered",
+    Request.CHECK_DEVICE_STATE: "DEVICE_STATE is not offered",
+    Request.GET_SHMEM_CONFIG: "SHMEM is not offered",
+}
+# What may come before SET_OWNER (QEMU 11.1 sends these first, in this order).
+_BEFORE_OWNER = frozenset({
+    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.SET_PROTOCOL_FEATURES,
+    Request.GET_QUEUE_NUM, Request.SET_OWNER,
+})  # fmt: skip
+
+
+@dataclass
+class _Ring:
+    """One vring as the front end described it."""
+
+    num: int | None = None
+    base: int = 0  # SET_VRING_BASE: the next avail index to take
+    addr: tuple[int, int, int] | None = None  # GPAs of desc, avail, used
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    enabled: bool = False
+    started: bool = False  # Relay.set_queue done, kick watched
+    used_seen: int = 0  # used index at the last call signal
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.kick, self.call, self.err) if fd is not None]
+
+
+@dataclass
+class _Mapped:
+    """A memory table as mapped: the regions and the fds backing them."""
+
+    regions: tuple[MemRegion, ...] = ()
+    fds: list[int] = field(default_factory=list)
+
+
+class VhostUserDevice:
+    """A virtio-iommu device over vhost-user: one front end's messages → :class:`Relay` calls.
+
+    ``relay`` is the device (built with its options and endpoints by the
+    caller; it lives longer than a connection); ``loop`` is where the kick
+    eventfds are watched.  :meth:`handle` serves one decoded message and
+    returns the reply bytes (``None``: none is due), raising
+    :class:`VhostUserError` for a message that is malformed for its state or
+    out of order; the caller then calls :meth:`disconnect`, which resets the
+    device and forgets the front end's memory and fds, ready for the next.
+    """
+
+    def __init__(self, relay: Relay, loop: Loop) -> None:
+        self.relay = relay
+        self.loop = loop
+        # Called when serving a kick failed unexpectedly (the connection
+        # ends itself then); without one the error is only logged.
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._new_session()
+
+    def _new_session(self) -> None:
+        self.owner = False
+        self.protocol_features = 0  # negotiated (SET_PROTOCOL_FEATURES)
+        self.protocol_negotiated = False  # rings start disabled (vhost-user.rst "Ring states")
+        self.features: int | None = None  # SET_FEATURES, without bit 30
+        self.rings = [_Ring() for _ in range(NUM_QUEUES)]
+        self.mapped = _Mapped()
+        self.running = False  # a ring was started since the last reset
+        self.broken_reported = False
+
+    # --- what the device offers --------------------------------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        """GET_FEATURES: the relay's virtio features (VERSION_1 among them) and the protocol bit."""
+        return self.relay.device_features | PROTOCOL_FEATURES_BIT
+
+    # --- one message ---------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> bytes | None:
+        """Serve ``msg`` (its fds become the device's or are closed); the reply to send, if any."""
+        try:
+            reply = self._dispatch(msg)
+        except BaseException:
+            close_fds(msg.fds)
+            msg.fds = []
+            raise
+        if reply is None and msg.need_reply and self.protocol_features & ProtocolFeature.REPLY_ACK:
+            reply = u64(0)  # REPLY_ACK: zero is success
+        return None if reply is None else encode(msg.request, reply, reply=True)
+
+    def _dispatch(self, msg: Message) -> bytes | None:
+        req = msg.request
+        if req in _UNSUPPORTED:
+            raise VhostUserError(req, f"not supported: {_UNSUPPORTED[req]}")
+        if not self.owner and req not in _BEFORE_OWNER:
+            raise VhostUserError(req, "before SET_OWNER")
+        p = msg.payload
+        if req == Request.GET_FEATURES:
+            return u64(self.offered_features)
+        if req == Request.GET_PROTOCOL_FEATURES:
+            return u64(int(OFFERED_PROTOCOL_FEATURES))
+        if req == Request.SET_PROTOCOL_FEATURES:
+            assert isinstance(p, int)
+            if p & ~OFFERED_PROTOCOL_FEATURES:
+                raise VhostUserError(req, f"protocol features {p & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered")
+            self.protocol_features = p
+            self.protocol_negotiated = True
+            return None
+        if req == Request.GET_QUEUE_NUM:
+            self._need_protocol(req, ProtocolFeature.MQ)
+            return u64(NUM_QUEUES)
+        if req == Request.SET_OWNER:
+            if self.owner:
+                raise VhostUserError(req, "the session already has an owner")
+            self.owner = True
+            return None
+        if req == Request.RESET_OWNER:
+            # Deprecated; "back-ends either ignore this message, or use it to
+            # disable all rings": the rings stop, with a device reset.
+            self._reset_device("RESET_OWNER")
+            return None
+        if req == Request.RESET_DEVICE:
+            self._need_protocol(req, ProtocolFeature.RESET_DEVICE)
+            self._reset_device("RESET_DEVICE")
+            return None
+        if req == Request.SET_FEATURES:
+            assert isinstance(p, int)
+            self._set_features(req, p)
+            return None
+        if req == Request.GET_CONFIG:
+            assert isinstance(p, ConfigMsg)
+            return self._get_config(req, p)
+        if req == Request.SET_CONFIG:
+            assert isinstance(p, ConfigMsg)
+            return self._set_config(req, p, msg.need_reply)
+        if req == Request.SET_MEM_TABLE:
+            assert isinstance(p, MemTable)
+            fds, msg.fds = msg.fds, []
+            self._set_mem_table(req, p, fds)
+            return None
+        if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+            assert isinstance(p, int)
+            fd = None if p & VRING_NOFD else msg.fds[0]
+            msg.fds = []
+            self._set_vring_fd(req, p & 0xFF, fd)
+            return None
+        if req == Request.SET_VRING_ADDR:
+            assert isinstance(p, VringAddr)
+            self._set_vring_addr(req, p)
+            return None
+        assert isinstance(p, VringState)
+        if req == Request.SET_VRING_NUM:
+            ring = self._stopped_ring(req, p.index)
+            if p.num == 0 or p.num > 32768 or p.num & (p.num - 1):
+                raise VhostUserError(req, f"ring {p.index}: size {p.num} is not a power of two <= 32768 (virtio 1.2 §2.7)")
+            ring.num = p.num
+            return None
+        if req == Request.SET_VRING_BASE:
+            ring = self._stopped_ring(req, p.index)
+            if p.num > 0xFFFF:
+                # Split rings only (VIRTIO_F_RING_PACKED is not offered): a u16 index.
+                raise VhostUserError(req, f"ring {p.index}: base {p.num} is not a split ring's u16 index")
+            ring.base = p.num
+            return None
+        if req == Request.GET_VRING_BASE:
+            return vring_state(p.index, self._get_vring_base(req, p.index))
+        if req == Request.SET_VRING_ENABLE:
+            self._set_vring_enable(req, p)
+            return None
+        raise VhostUserError(req, "not served")  # every Request is handled above
+
+    def _need_protocol(self, req: Request, feature: ProtocolFeature) -> None:
+        if not self.protocol_features & feature:
+            raise VhostUserError(req, f"protocol feature {feature.name} was not negotiated")
+
+    def _ring(self, req: Request, index: int) -> _Ring:
+        if not 0 <= index < NUM_QUEUES:
+            raise VhostUserError(req, f"ring {index}: virtio-iommu has {NUM_QUEUES} (requestq, eventq)")
+        return self.rings[index]
+
+    def _stopped_ring(self, req: Request, index: int) -> _Ring:
+        ring = self._ring(req, index)
+        if ring.started:
+            raise VhostUserError(req, f"ring {index} is started (stop it with GET_VRING_BASE first)")
+        return ring
+
+    # --- features and config -----------------------------------------------------------
+
+    def _set_features(self, req: Request, value: int) -> None:
+        if value & ~self.offered_features:
+            raise VhostUserError(req, f"features {value & ~self.offered_features:#x} were not offered")
+        if any(r.started for r in self.rings):
+            raise VhostUserError(req, "features cannot change while rings are started")
+        self.features = value & ~PROTOCOL_FEATURES_BIT
+        if value & PROTOCOL_FEATURES_BIT:
+            self.protocol_negotiated = True
+        # The relay records what the driver accepted (it gates the bypass
+        # config write on BYPASS_CONFIG) and freezes its config.
+        self.relay.ack_features(self.features)
+
+    def _get_config(self, req: Request, cfg: ConfigMsg) -> bytes:
+        self._need_protocol(req, ProtocolFeature.CONFIG)
+        if cfg.offset + cfg.size > CONFIG_SIZE:
+            # "vhost-user back-end uses zero length of payload to indicate an
+            # error": not a protocol breach, so the connection stays.
+            log.warning("GET_CONFIG of %d bytes at %d: the config space has %d", cfg.size, cfg.offset, CONFIG_SIZE)
+            return b""
+        data = self.relay.config_bytes()[cfg.offset : cfg.offset + cfg.size]
+        return config_msg(cfg.offset, data, flags=cfg.flags)
+
+    def _set_config(self, req: Request, cfg: ConfigMsg, need_reply: bool) -> bytes | None:
+        self._need_protocol(req, ProtocolFeature.CONFIG)
+        if cfg.offset + cfg.size > CONFIG_SIZE:
+            log.warning("SET_CONFIG of %d bytes at %d refused: the config space has %d",
+                        cfg.size, cfg.offset, CONFIG_SIZE)  # fmt: skip
+            return u64(1) if need_reply else None
+        # QEMU 11.1's vhost-user-base sends the whole 40 bytes at offset 0
+        # on every guest write (vub_set_config); only bypass (offset 36) is
+        # writable and the relay ignores the read-only bytes (5.13.4, D-05).
+        self.relay.write_config(cfg.offset, cfg.data)
+        return None
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def _set_mem_table(self, req: Request, table: MemTable, fds: list[int]) -> None:
+        try:
+            regions = self._check_regions(req, table.regions)
+            if regions == self.mapped.regions:
+                # The same layout again (same memfds, as QEMU re-sends it):
+                # keep the mapping the rings and mappings already use.
+                close_fds(fds)
+                return
+            try:
+                self.relay.replace_memory((r.guest_addr, r.size, fd, r.mmap_offset) for r, fd in zip(regions, fds))
+            except RuntimeError as exc:
+                raise VhostUserError(req, f"a new memory layout while the device uses the old one: {exc}") from None
+            except (ValueError, OSError) as exc:
+                raise VhostUserError(req, f"cannot map the regions: {exc}") from None
+        except BaseException:
+            close_fds(fds)
+            raise
+        close_fds(self.mapped.fds)
+        self.mapped = _Mapped(regions, fds)
+
+    @staticmethod
+    def _check_regions(req: Request, regions: Sequence[MemRegion]) -> tuple[MemRegion, ...]:
+        for r in regions:
+            if r.size == 0 or r.guest_addr + r.size > 1 << 64 or r.user_addr + r.size > 1 << 64:
+                raise VhostUserError(req, f"region {r}: empty or wrapping")
+            if r.mmap_offset % mmap_granularity():
+                raise VhostUserError(req, f"region {r}: mmap offset not page aligned")
+        by_gpa = sorted(regions, key=lambda r: r.guest_addr)
+        by_uva = sorted(regions, key=lambda r: r.user_addr)
+        for a, b in [*zip(by_gpa, by_gpa[1:])]:
+            if a.guest_addr + a.size > b.guest_addr:
+                raise VhostUserError(req, f"regions {a} and {b} overlap in guest-physical space")
+        for a, b in [*zip(by_uva, by_uva[1:])]:
+            if a.user_addr + a.size > b.user_addr:
+                raise VhostUserError(req, f"regions {a} and {b} overlap in user space")
+        return tuple(regions)
+
+    def uva_to_gpa(self, uva: int, size: int) -> int | None:
+        """The guest-physical address of a front-end user address span (inside one region), or ``None``."""
+        for r in self.mapped.regions:
+            if r.user_addr <= uva and uva + size <= r.user_addr + r.size:
+                return r.guest_addr + (uva - r.user_addr)
+        return None
+
+    # --- rings -----------------------------------------------------------------------------
+
+    def _set_vring_addr(self, req: Request, a: VringAddr) -> None:
+        ring = self._stopped_ring(req, a.index)
+        if a.flags:
+            raise VhostUserError(req, f"ring {a.index}: flags {a.flags:#x} (VHOST_VRING_F_LOG: logging is not offered)")
+        if ring.num is None:
+            raise VhostUserError(req, f"ring {a.index}: before SET_VRING_NUM")
+        if not self.mapped.regions:
+            raise VhostUserError(req, f"ring {a.index}: before SET_MEM_TABLE")
+        n = ring.num
+        # The front end's user addresses (vhost-user.rst: without
+        # VIRTIO_F_IOMMU_PLATFORM a ring address is a user address); the
+        # relay takes guest-physical ones.
+        spans = {"descriptor table": (a.desc, 16 * n), "avail ring": (a.avail, 6 + 2 * n),
+                 "used ring": (a.used, 6 + 8 * n)}  # fmt: skip
+        gpas: dict[str, int] = {}
+        for what, (uva, size) in spans.items():
+            gpa = self.uva_to_gpa(uva, size)
+            if gpa is None:
+                raise VhostUserError(req, f"ring {a.index}: {what} at user address {uva:#x} is outside the memory table")
+            gpas[what] = gpa
+        ring.addr = (gpas["descriptor table"], gpas["avail ring"], gpas["used ring"])
+
+    def _set_vring_fd(self, req: Request, index: int, fd: int | None) -> None:
+        try:
+            ring = self._ring(req, index)
+            if req == Request.SET_VRING_KICK:
+                if fd is None:
+                    raise VhostUserError(req, f"ring {index}: no kick fd (polling) is not supported")
+                self._start_ring(req, index, ring, fd)
+                return
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        # CALL and ERR may change at any time (QEMU 11.1 sets them at connect
+        # and again when the rings start); no fd: the front end polls.
+        attr = "call" if req == Request.SET_VRING_CALL else "err"
+        old = getattr(ring, attr)
+        setattr(ring, attr, fd)
+        if old is not None:
+            os.close(old)
+
+    def _start_ring(self, req: Request, index: int, ring: _Ring, kick: int) -> None:
+        """The kick fd arrived: the ring is fully described, place it in the relay and watch the kick."""
+        if ring.started:
+            raise VhostUserError(req, f"ring {index} is started already")
+        if ring.num is None or ring.addr is None:
+            raise VhostUserError(req, f"ring {index}: before SET_VRING_NUM and SET_VRING_ADDR")
+        desc, avail, used = ring.addr
+        try:
+            self.relay.set_queue(index, size=ring.num, desc=desc, avail=avail, used=used, avail_index=ring.base)
+        except ValueError as exc:
+            raise VhostUserError(req, str(exc)) from None
+        ring.kick = kick
+        ring.started = True
+        ring.used_seen = self.relay.queue_position(index).used
+        # vhost-user.rst "Ring states": with VHOST_USER_F_PROTOCOL_FEATURES a
+        # ring starts disabled until SET_VRING_ENABLE 1, otherwise enabled.
+        ring.enabled = ring.enabled or not self.protocol_negotiated
+        self.running = True
+        self.loop.add_reader(kick, lambda: self._on_kick(index))
+
+    def _set_vring_enable(self, req: Request, p: VringState) -> None:
+        ring = self._ring(req, p.index)
+        if not self.protocol_negotiated:
+            raise VhostUserError(req, "only when VHOST_USER_F_PROTOCOL_FEATURES was negotiated")
+        if p.num not in (0, 1):
+            raise VhostUserError(req, f"ring {p.index}: enable {p.num}, not 0 or 1")
+        was = ring.enabled
+        ring.enabled = bool(p.num)
+        if ring.enabled and not was and ring.started:
+            # Buffers the driver made available while the ring was disabled.
+            self._serve(p.index)
+
+    def _get_vring_base(self, req: Request, index: int) -> int:
+        ring = self._ring(req, index)
+        if self.running:
+            # The first ring to stop stops the device: every ring's position
+            # is kept for its own GET_VRING_BASE, then the device resets (see
+            # the module docstring for why a stop is a reset).
+            self._stop_all("GET_VRING_BASE")
+        return ring.base
+
+    def _stop_all(self, why: str) -> None:
+        for i, ring in enumerate(self.rings):
+            if ring.started:
+                try:
+                    ring.base = self.relay.queue_position(i).next_avail
+                except ValueError:
+                    pass
+                self._unwatch(ring)
+            ring.enabled = False
+        if self.running:
+            log.info("vhost-user: %s: rings stopped, device reset", why)
+        self.running = False
+        self.broken_reported = False
+        self.relay.reset()
+
+    def _reset_device(self, why: str) -> None:
+        self._stop_all(why)
+        for ring in self.rings:
+            ring.num, ring.addr, ring.base = None, None, 0
+
+    def _unwatch(self, ring: _Ring) -> None:
+        if ring.kick is not None:
+            self.loop.remove_reader(ring.kick)
+            os.close(ring.kick)
+            ring.kick = None
+        ring.started = False
+
+    # --- the data path ---------------------------------------------------------------------
+
+    def _on_kick(self, index: int) -> None:
+        ring = self.rings[index]
+        if ring.kick is None:
+            return
+        try:
+            try:
+                os.read(ring.kick, 8)  # an eventfd: the counter goes back to 0
+            except BlockingIOError:
+                return  # another reader took it
+            if ring.enabled:
+                self._serve(index)
+        except Exception as exc:  # a bug must not stop the loop every front end shares
+            log.exception("vhost-user: internal error serving ring %d", index)
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    def _serve(self, index: int) -> int:
+        """Process queue ``index`` and interrupt for every ring whose used index moved."""
+        if not self.rings[index].started:
+            return 0
+        done = self.relay.process_queue(index)
+        self.signal_used()
+        if self.relay.needs_reset and not self.broken_reported:
+            self.broken_reported = True
+            # The relay stopped the queue (an impossible avail entry or
+            # index).  Without a back-end channel the front end cannot be
+            # asked for DEVICE_NEEDS_RESET; the error eventfd is the ring's
+            # "an error occurred" signal (vhost-user.rst SET_VRING_ERR).
+            log.error("vhost-user: ring %d stopped on a driver error; the guest must reset the device", index)
+            for ring in self.rings:
+                if ring.err is not None:
+                    _signal(ring.err)
+        return done
+
+    def signal_used(self) -> None:
+        """Write the call eventfd of each started ring whose used index moved since the last call."""
+        for i, ring in enumerate(self.rings):
+            if not ring.started:
+                continue
+            used = self.relay.queue_position(i).used
+            if used != ring.used_seen:
+                ring.used_seen = used
+                if ring.call is not None:
+                    _signal(ring.call)
+
+    def deliver_events(self) -> int:
+        """Fill the event queue with the relay's pending fault records and interrupt; how many.
+
+        For front ends that translate DMA through the same relay (a
+        vfio-user endpoint's faults are recorded by ``Relay.translate``):
+        call after such a fault so the guest's driver hears of it.  Nothing
+        while the event queue is not started and enabled (the records wait
+        in the relay, up to its ``event_limit``).
+        """
+        ring = self.rings[1]
+        if not (ring.started and ring.enabled):
+            return 0
+        return self._serve(1)
+
+    # --- the end of a front end ------------------------------------------------------------
+
+    def disconnect(self) -> None:
+        """The front end is gone: device reset, rings and fds dropped, its memory unmapped."""
+        try:
+            self._stop_all("disconnect")
+        finally:
+            for ring in self.rings:
+                close_fds(ring.fds())
+            try:
+                self.relay.replace_memory(())
+            except RuntimeError as exc:  # a domain survived the reset (a backend refused to detach)
+                log.error("vhost-user: guest memory stays mapped after disconnect: %s", exc)
+            else:
+                close_fds(self.mapped.fds)
+            self._new_session()
+
+
+def mmap_granularity() -> int:
+    """The alignment mmap needs of a file offset."""
+    import mmap
+
+    return mmap.ALLOCATIONGRANULARITY
+
+
+def _signal(fd: int) -> None:
+    try:
+        os.write(fd, _EVENTFD_ONE)
+    except BlockingIOError:
+        pass  # the counter is at its maximum: the other side has an interrupt pending anyway
+    except OSError as exc:
+        log.warning("vhost-user: eventfd %d: %s", fd, exc)
+
+
+class VhostUserConnection:
+    """One front end on a connected socket: messages in, replies out, served on ``loop``.
+
+    Any protocol error is logged and ends the connection (the device is
+    reset, :meth:`VhostUserDevice.disconnect`); so does an unexpected
+    exception, logged with its traceback: a front end can never take the
+    serving process down.  ``on_close`` runs once the connection has ended.
+    """
+
+    def __init__(self, sock: socket.socket, device: VhostUserDevice, loop: Loop,
+                 on_close: Callable[[VhostUserConnection], None] | None = None) -> None:  # fmt: skip
+        self.sock = sock
+        self.device = device
+        self.loop = loop
+        self.on_close = on_close
+        self.closed = False
+        self.error: BaseException | None = None  # what ended it, if not a clean EOF
+        sock.settimeout(MESSAGE_TIMEOUT)
+        device.on_error = self.close
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            msg = self._read_message()
+            if msg is None:
+                log.info("vhost-user: front end disconnected")
+                self.close()
+                return
+            reply = self.device.handle(msg)
+            if reply is not None:
+                self.sock.sendall(reply)
+        except VhostUserError as exc:
+            log.error("vhost-user: %s; disconnecting", exc)
+            self.close(exc)
+        except (OSError, TimeoutError) as exc:
+            log.error("vhost-user: socket: %s; disconnecting", exc)
+            self.close(exc)
+        except Exception as exc:  # a bug must not take the server down with it
+            log.exception("vhost-user: internal error; disconnecting")
+            self.close(exc)
+
+    def _read_message(self) -> Message | None:
+        data, fds, flags, _ = socket.recv_fds(self.sock, HEADER.size, MAX_FDS)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise VhostUserError(None, f"more than {MAX_FDS} file descriptors came with one message")
+        if not data:
+            close_fds(fds)
+            return None
+        try:
+            while len(data) < HEADER.size:
+                more = self.sock.recv(HEADER.size - len(data))
+                if not more:
+                    raise VhostUserError(None, f"connection closed inside a header ({len(data)} bytes)")
+                data += more
+            header = parse_header(data)
+            payload = b""
+            while len(payload) < header.size:
+                more = self.sock.recv(header.size - len(payload))
+                if not more:
+                    raise VhostUserError(header.request, f"connection closed inside the payload ({len(payload)} of {header.size} bytes)")
+                payload += more
+        except TimeoutError:
+            close_fds(fds)
+            raise VhostUserError(None, f"a message stopped arriving for {MESSAGE_TIMEOUT} s") from None
+        except BaseException:
+            close_fds(fds)
+            raise
+        return decode(header, payload, list(fds))
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the connection: device reset, socket closed (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.error = error
+        self.loop.remove_reader(self.sock.fileno())
+        self.device.on_error = None
+        try:
+            self.device.disconnect()
+        finally:
+            self.sock.close()
+            if self.on_close is not None:
+                self.on_close(self)
+
+
+class VhostUserServer:
+    """Listen on a Unix socket and serve one front end at a time with ``device``.
+
+    A second front end connecting while one is served is turned away (its
+    socket closed at once, logged); after a disconnect the next one is
+    served by the same device and relay.  QEMU is the client here
+    (``-chardev socket,path=...`` without ``server=on``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], device: VhostUserDevice, loop: Loop) -> None:
+        self.path = Path(path)
+        self.device = device
+        self.loop = loop
+        self.connection: VhostUserConnection | None = None
+        self.served = 0  # connections accepted so far
+        if self.path.exists() and stat.S_ISSOCK(self.path.stat().st_mode):
+            self.path.unlink()  # a stale socket of an earlier run
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.listener.bind(str(self.path))
+            self.listener.listen(2)
+        except BaseException:
+            self.listener.close()
+            raise
+        loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                log.error("vhost-user: accept on %s: %s", self.path, exc)
+            return
+        if self.connection is not None:
+            log.warning("vhost-user: %s serves one front end at a time; a second one was turned away", self.path)
+            sock.close()
+            return
+        self.served += 1
+        log.info("vhost-user: front end connected on %s", self.path)
+        self.connection = VhostUserConnection(sock, self.device, self.loop, self._closed)
+
+    def _closed(self, conn: VhostUserConnection) -> None:
+        if self.connection is conn:
+            self.connection = None
+
+    def close(self) -> None:
+        """Stop listening, end the connection if any, remove the socket file."""
+        if self.connection is not None:
+            self.connection.close()
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class FrontEnd(Protocol):
+    """Another front end served on the same loop and relay (a vfio-user endpoint server)."""
+
+    def close(self) -> None:
+        """Stop serving and release its sockets."""
+
+
+#: Makes a front end on the serve loop: given the loop and the vhost-user
+#: device (``device.relay`` to translate through, ``device.deliver_events()``
+#: after recording a fault).
+FrontEndFactory = Callable[[Loop, VhostUserDevice], FrontEnd]
+
+
+def serve(path: str | os.PathLike[str], relay: Relay, *, frontends: Iterable[FrontEndFactory] = (),
+          handle_signals: bool = True, ready: Callable[[VhostUserServer], None] | None = None,
+          loop: Loop | None = None) -> None:  # fmt: skip
+    """Serve ``relay`` as a vhost-user virtio-iommu on ``path`` until SIGTERM/SIGINT (or ``loop.stop()``).
+
+    ``frontends`` are made on the same loop after the server listens; with
+    ``handle_signals`` SIGTERM and SIGINT stop the loop (the vhost-user
+    back-end conventions: end quickly and cleanly on SIGTERM) and the
+    previous handlers come back afterwards.  ``ready`` is called with the
+    listening server.
+    """
+    loop = loop if loop is not None else Loop()
+    device = VhostUserDevice(relay, loop)
+    server = VhostUserServer(path, device, loop)
+    extra: list[FrontEnd] = []
+    old: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("vhost-user: signal %d, stopping", signum)
+        loop.stop()
+
+    try:
+        if handle_signals:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old[s] = signal.signal(s, stop)
+        for make in frontends:
+            extra.append(make(loop, device))
+        if ready is not None:
+            ready(server)
+        loop.run()
+    finally:
+        for fe in extra:
+            try:
+                fe.close()
+            except Exception:
+                log.exception("closing a front end")
+        server.close()
+        for s, h in old.items():
+            signal.signal(s, h)
