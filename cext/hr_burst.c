@@ -84,6 +84,11 @@ __attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
 		}
 		if (nerrs == HR_QUEUE_ERRS)
 			return process_exit(q, HR_PROCESS_FULL, completed, nerrs);
+		if (__builtin_expect(q->rec != NULL, 0)) {
+			if (q->nrec == q->rec_cap)
+				return process_exit(q, HR_PROCESS_FULL, completed, nerrs);
+			goto general; /* recording: one chain at a time, each logged */
+		}
 
 		/* The common case.  A chain of another shape or a request of
 		 * another kind ends the run and is left available for the
@@ -130,6 +135,7 @@ __attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
 			continue;
 
 		/* Anything else, one chain at a time. */
+	general:;
 		struct hr_chain *c = &q->chain;
 		int got = hr_vq_pop(vq, c, &why);
 		if (vq->broken)
@@ -155,6 +161,14 @@ __attribute__((flatten)) int hr_relay_process(hr_relay *r, struct hr_queue *q)
 			hr_put_reply(c, (uint64_t)reply, tail);
 		hr_vq_put(vq, c->head, (uint32_t)reply);
 		completed++;
+		if (q->rec) {
+			struct hr_record *e = &q->rec[q->nrec++];
+			__builtin_memcpy(e->req, buf, sizeof(e->req));
+			e->read_len = (uint32_t)(c->read_len > UINT32_MAX ? UINT32_MAX : c->read_len);
+			e->write_len = (uint32_t)(c->write_len > UINT32_MAX ? UINT32_MAX : c->write_len);
+			e->used_len = (uint32_t)reply;
+			__builtin_memcpy(e->tail, tail, 4);
+		}
 		if (res.reason == HR_R_KERNEL || res.reason == HR_R_MISMATCH)
 			q->errs[nerrs++] = res;
 	}

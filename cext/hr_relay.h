@@ -111,11 +111,27 @@ void hr_relay_unlock(hr_relay *r);
 int hr_relay_fast(hr_relay *r, const uint8_t *req, uint64_t rlen, uint64_t wlen, struct hr_result *res);
 /* A request queue as the C walker serves it. */
 #define HR_QUEUE_ERRS 32
+/* One request hr_relay_process served itself, while recording. */
+struct hr_record {
+	uint8_t req[64];    /* the device-readable part's first bytes (no request is longer) */
+	uint32_t read_len;  /* the device-readable part's whole length */
+	uint32_t write_len; /* the device-writable part's */
+	uint32_t used_len;  /* the used length it was completed with */
+	uint8_t tail[4];    /* the last 4 bytes written, if used_len >= 4 (zeros before) */
+};
+
 struct hr_queue {
 	struct hr_vq vq;
 	struct hr_chain chain;  /* HR_PROCESS_CALLER: the request for the caller */
 	uint32_t nerrs;         /* kernel failures in errs[] for the caller to report */
 	struct hr_result errs[HR_QUEUE_ERRS];
+	/* Recording: with rec set, every chain takes the general walk and each
+	 * request served in C is appended here (rec_cap of them at most; full:
+	 * HR_PROCESS_FULL, for the caller to take them and call again).  A
+	 * chain that is no request (a descriptor error, used length 0) is not
+	 * recorded. */
+	struct hr_record *rec;
+	uint32_t nrec, rec_cap;
 };
 /* hr_relay_process's result: one code in the low bits, HR_PROCESS_ERRORS if
  * errs[] holds failures to report, and the chains completed by this call

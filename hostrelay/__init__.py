@@ -21,6 +21,7 @@ _LAZY = {
     "IommuInfo": "hostrelay.kernel.vfio",
     "VfioError": "hostrelay.kernel.errors",
     "Relay": "hostrelay.relay",
+    "RecordedRequest": "hostrelay.relay",
     "GuestMemory": "hostrelay.backends.memory",
 }
 
@@ -29,7 +30,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 if TYPE_CHECKING:
     from hostrelay.kernel.errors import VfioError
     from hostrelay.backends.memory import GuestMemory
-    from hostrelay.relay import Relay
+    from hostrelay.relay import RecordedRequest, Relay
     from hostrelay.kernel.vfio import Container, Device, Group, IommuInfo
 
 

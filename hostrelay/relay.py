@@ -35,7 +35,7 @@ from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.type1 import VfioBackend
 from hostrelay.dataplane.handle import DataPlane
 from hostrelay.dataplane.requests import Requests
-from hostrelay.dataplane.ring import QueuePosition, Queues
+from hostrelay.dataplane.ring import QueuePosition, Queues, RecordedRequest
 from hostrelay.dataplane.table import MappingTable
 from hostrelay.kernel.errors import VfioError
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Device, group_of
@@ -76,6 +76,7 @@ __all__ = [
     "NoResources",
     "OutOfRange",
     "QueuePosition",
+    "RecordedRequest",
     "Relay",
     "RelayError",
     "TranslationFault",
@@ -621,6 +622,66 @@ class Relay:
         not inside guest RAM.
         """
         self._queues.set_queue(index, size=size, desc=desc, avail=avail, used=used, avail_index=avail_index)
+
+    # --- recording ---------------------------------------------------------------
+
+    def start_recording(self) -> None:
+        """Record every request served from now on, through either door.
+
+        Each request the queues complete (MAP and UNMAP in C included) and
+        each :meth:`handle_request` call is kept as a :class:`RecordedRequest`
+        in completion order, for :meth:`take_recording`: a live guest's
+        stream can be replayed through :meth:`handle_request` on another
+        relay and must get the same replies.  While recording, the ring's
+        MAP/UNMAP take the C walker's general path (the same checks and
+        outcome, a little slower) and ``handle_request`` one Python frame
+        more.  A chain that is no request at all (a descriptor error,
+        completed with used length 0) is not recorded.  Nothing if already
+        recording.
+        """
+        with self._lock:
+            if self._queues.recording is not None:
+                return
+            recording: list[RecordedRequest] = []
+            self._queues.start_recording(recording)
+        # Wrap whichever handle_request is in force (the native door, a
+        # subclass's); stop_recording puts it back.
+        inner = self.__dict__.get("handle_request")
+        door = inner if inner is not None else type(self).handle_request.__get__(self)
+
+        def recording_door(readable: bytes | bytearray | memoryview, writable_len: int) -> bytes:
+            reply: bytes = door(readable, writable_len)
+            with self._lock:
+                recording.append(RecordedRequest(bytes(readable), writable_len, reply))
+            return reply
+
+        self._door_before_recording = inner
+        self.handle_request = recording_door  # type: ignore[method-assign]
+
+    def take_recording(self) -> list[RecordedRequest]:
+        """The requests recorded since :meth:`start_recording` or the last call, oldest first."""
+        with self._lock:
+            recording = self._queues.recording
+            if recording is None:
+                return []
+            taken = recording[:]
+            recording.clear()
+            return taken
+
+    def stop_recording(self) -> list[RecordedRequest]:
+        """Stop recording; return what was recorded and not yet taken."""
+        with self._lock:
+            recording = self._queues.recording
+            if recording is None:
+                return []
+            self._queues.stop_recording()  # the walker's last records into it
+            taken = recording[:]
+        inner = self.__dict__.pop("_door_before_recording", None)
+        if inner is not None:
+            self.handle_request = inner  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("handle_request", None)
+        return taken
 
     def queue_position(self, index: int) -> QueuePosition:
         """Where queue ``index`` is: the next avail index the device takes, the next used index.

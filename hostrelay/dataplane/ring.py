@@ -50,16 +50,58 @@ class QueuePosition:
     broken: bool
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as the device saw and answered it (:meth:`hostrelay.relay.Relay.start_recording`).
+
+    ``request`` is the device-readable part (head + body; for a request the C
+    walker served, its first 64 bytes zero-padded to its length, capped at
+    one byte more than any request: nothing past that can change the
+    answer), ``writable_len`` the size of the device-writable part, and
+    ``reply`` exactly the bytes the device wrote (``b""``: used length 0).
+    ``Relay.handle_request(request, writable_len)`` on a relay in the same
+    state gives ``reply`` again.
+    """
+
+    request: bytes
+    writable_len: int
+    reply: bytes
+
+
+# Records the C walker keeps before it hands them over (HR_PROCESS_FULL).
+_RECORDS = 256
+
+
 class Queue:
     """A split virtqueue the C walker serves (``struct hr_queue``, cext/hr_relay.h)."""
 
-    __slots__ = ("c", "vq", "chain", "buf")
+    __slots__ = ("c", "vq", "chain", "buf", "rec")
 
     def __init__(self) -> None:
         self.c = ffi.new("struct hr_queue *")
         self.vq = ffi.addressof(self.c, "vq")
         self.chain = ffi.addressof(self.c, "chain")
         self.buf = ffi.new("uint8_t[]", MAX_READABLE + 1)  # serve_pending reads no more
+        self.rec: Any = None
+
+    def record(self, on: bool) -> None:
+        """Make the C walker log what it serves (see ``struct hr_queue.rec``), or stop."""
+        self.rec = ffi.new("struct hr_record[]", _RECORDS) if on else None
+        self.c.rec = self.rec if on else ffi.NULL
+        self.c.rec_cap = _RECORDS if on else 0
+        self.c.nrec = 0
+
+    def take_records(self, into: list[RecordedRequest]) -> None:
+        """Move the walker's records to ``into``, in completion order."""
+        c = self.c
+        for i in range(c.nrec):
+            e = c.rec[i]
+            n = min(int(e.read_len), MAX_READABLE + 1)
+            req = bytes(ffi.buffer(e.req, min(n, 64))).ljust(n, b"\0")
+            used = int(e.used_len)
+            reply = bytes(used - 4) + bytes(ffi.buffer(e.tail, 4)) if used >= 4 else bytes(used)
+            into.append(RecordedRequest(req, int(e.write_len), reply))
+        c.nrec = 0
 
 
 class Queues:
@@ -79,6 +121,7 @@ class Queues:
         self.report_failure = report_failure
         self.queues: dict[int, Queue] = {}
         self.requestq: Queue | None = None  # queues[0], for process_queue's fast path
+        self.recording: list[RecordedRequest] | None = None  # see start_recording
 
     def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int,
                   avail_index: int | None = None) -> None:  # fmt: skip
@@ -94,6 +137,8 @@ class Queues:
             rc = lib.hr_vq_setup(q.vq, lib.hr_relay_memory(dp.c), size, desc, avail, used)
             if rc < 0:
                 raise ValueError(f"queue {index}: invalid geometry or rings outside guest RAM (errno {-rc})")
+            if self.recording is not None:
+                q.record(True)
             if avail_index is not None:
                 # hr_vq_setup resumed at the used index in guest memory; a
                 # VMM restoring a queue says where the device had got to (the
@@ -108,6 +153,19 @@ class Queues:
             # A driver sets up its queues after reading the config (virtio
             # 1.2 §3.1.1 steps 5-7), so process_queue need not say it again.
             self.config.frozen = True
+
+    def start_recording(self, into: list[RecordedRequest]) -> None:
+        """Record every request the queues serve into ``into`` (lock held)."""
+        self.recording = into
+        for q in self.queues.values():
+            q.record(True)
+
+    def stop_recording(self) -> None:
+        """Stop recording (lock held); what was recorded stays in the list."""
+        for q in self.queues.values():
+            q.take_records(self.recording if self.recording is not None else [])
+            q.record(False)
+        self.recording = None
 
     def position(self, index: int) -> QueuePosition:
         """See :meth:`hostrelay.relay.Relay.queue_position`."""
@@ -126,7 +184,8 @@ class Queues:
     def process_queue(self, index: int = 0) -> int:
         """See :meth:`hostrelay.relay.Relay.process_queue`."""
         q = self.requestq
-        if index == 0 and q is not None and self.dp.fast_generation == self.memory.generation and not self.records:
+        if (index == 0 and q is not None and self.dp.fast_generation == self.memory.generation and not self.records
+                and self.recording is None):
             # The usual call, kept short: measured under TCG, the Python
             # around the C walker is a fixed cost paid once per kick.  The C
             # call takes the lock itself and keeps it when there is more to do.
@@ -157,6 +216,8 @@ class Queues:
         for the control plane, fault records for the eventq.  Lock held."""
         c, qc, done = self.dp.c, q.c, 0
         while True:
+            if self.recording is not None:
+                q.take_records(self.recording)  # before a chain Python serves: completion order
             done += rc >> _PROCESS_SHIFT
             if rc & _PROCESS_ERRORS:
                 for i in range(qc.nerrs):
@@ -188,6 +249,8 @@ class Queues:
             log.exception("internal error handling a request from the ring")
             reply = internal_error(wlen)
         lib.hr_relay_complete(q.vq, chain, reply, len(reply))
+        if self.recording is not None:
+            self.recording.append(RecordedRequest(bytes(ffi.buffer(q.buf, n)), wlen, reply))
 
     @staticmethod
     def _queue_broke(index: int) -> None:
