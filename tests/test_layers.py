@@ -59,3 +59,21 @@ def test_only_the_c_facing_layers_import_the_extension() -> None:
     assert users, "no module imports hostrelay._native: the check looks in the wrong place"
     outside = sorted(str(p) for p in users if p.parts[0] not in NATIVE_USERS)
     assert not outside, f"only {sorted(NATIVE_USERS)} may import hostrelay._native: {outside}"
+
+
+def test_the_vfio_user_codec_checks_its_layouts_against_the_headers() -> None:
+    """hostrelay.kernel.uapi.check_layout refuses a wire format the headers disagree with."""
+    import struct
+
+    import pytest
+
+    from hostrelay.kernel import uapi
+
+    uapi.check_layout(struct.Struct("<IIII"), "struct vfio_irq_info", ("argsz", "flags", "index", "count"))
+    with pytest.raises(RuntimeError, match="index"):
+        uapi.check_layout(struct.Struct("<IIQI"), "struct vfio_irq_info", ("argsz", "flags", "index", "count"))
+    with pytest.raises(RuntimeError, match="sizeof"):
+        uapi.check_layout(struct.Struct("<III"), "struct vfio_irq_info", ("argsz", "flags", "index"))
+    uapi.check_layout(struct.Struct("<III"), "struct vfio_irq_info", ("argsz", "flags", "index"), prefix=True)
+    with pytest.raises(RuntimeError, match="no field"):
+        uapi.check_layout(struct.Struct("<I"), "struct vfio_irq_info", ("nope",), prefix=True)

@@ -36,7 +36,6 @@ import errno
 import logging
 import mmap
 import os
-import re
 import select
 import socket
 import stat
@@ -45,9 +44,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostrelay.firmware.viot import Bdf
 from hostrelay.frontends import vfio_user_wire as w
 from hostrelay.frontends.edu_model import BAR0_SIZE, CONFIG_SIZE, DEFAULT_DMA_MASK, Edu
 from hostrelay.frontends.loop import Loop
+from hostrelay.kernel import uapi
 from hostrelay.relay import Relay, TranslationFault
 
 __all__ = [
@@ -81,13 +82,12 @@ SEND_TIMEOUT = 5.0
 _BATCH = 64
 
 # <linux/vfio.h> PCI region and IRQ indexes.
-BAR0_REGION = 0
-CONFIG_REGION = 7  # VFIO_PCI_CONFIG_REGION_INDEX
-NUM_REGIONS = 9  # VFIO_PCI_NUM_REGIONS (BAR0-5, ROM, config, VGA)
-INTX_IRQ, MSI_IRQ, MSIX_IRQ, ERR_IRQ, REQ_IRQ = 0, 1, 2, 3, 4
-NUM_IRQS = 5  # VFIO_PCI_NUM_IRQS
-
-_BDF = re.compile(r"^(?:(?P<seg>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<dev>[0-9a-fA-F]{1,2})\.(?P<fn>[0-7])$")
+BAR0_REGION = uapi.VFIO_PCI_BAR0_REGION_INDEX
+CONFIG_REGION = uapi.VFIO_PCI_CONFIG_REGION_INDEX
+NUM_REGIONS = uapi.VFIO_PCI_NUM_REGIONS  # BAR0-5, ROM, config, VGA
+INTX_IRQ, MSI_IRQ = uapi.VFIO_PCI_INTX_IRQ_INDEX, uapi.VFIO_PCI_MSI_IRQ_INDEX
+MSIX_IRQ, ERR_IRQ, REQ_IRQ = uapi.VFIO_PCI_MSIX_IRQ_INDEX, uapi.VFIO_PCI_ERR_IRQ_INDEX, uapi.VFIO_PCI_REQ_IRQ_INDEX
+NUM_IRQS = uapi.VFIO_PCI_NUM_IRQS
 
 
 def endpoint_id_of(bdf: str) -> int:
@@ -98,14 +98,8 @@ def endpoint_id_of(bdf: str) -> int:
     start is the first BDF of the range, as QEMU's own ``hw/acpi/viot.c``
     builds it (and the ID QEMU's virtio-iommu uses for its endpoints).
     """
-    match = _BDF.match(bdf.strip())
-    if match is None:
-        raise ValueError(f"{bdf!r} is not a PCI address [SSSS:]BB:DD.F")
-    dev = int(match["dev"], 16)
-    if dev > 31:
-        raise ValueError(f"{bdf!r}: device number {dev} is above 31")
-    seg = int(match["seg"] or "0", 16)
-    return seg << 16 | int(match["bus"], 16) << 8 | dev << 3 | int(match["fn"])
+    address = Bdf.parse(bdf)  # ViotError, a ValueError, if it is none
+    return address.segment << 16 | address.bdf
 
 
 # --- the client's memory ------------------------------------------------------------------

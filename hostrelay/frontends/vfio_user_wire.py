@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any, Self
 
+from hostrelay.kernel import uapi
 from hostrelay.model.wire import ProtocolError
 
 __all__ = [
@@ -236,9 +237,9 @@ DMA_READ_FLAG = 0x1  # "readable": the server may read the region
 DMA_WRITE_FLAG = 0x2  # "writeable"
 _DMA_MAP = struct.Struct("<IIQQQ")
 DMA_MAP_SIZE = _DMA_MAP.size  # 32
-# <linux/vfio.h> VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP / _ALL (QEMU sends ALL).
-UNMAP_GET_DIRTY_BITMAP = 0x1
-UNMAP_ALL = 0x2
+# <linux/vfio.h>'s own unmap flags (QEMU sends ALL).
+UNMAP_GET_DIRTY_BITMAP = uapi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP
+UNMAP_ALL = uapi.VFIO_DMA_UNMAP_FLAG_ALL
 _DMA_UNMAP = struct.Struct("<IIQQ")
 DMA_UNMAP_SIZE = _DMA_UNMAP.size  # 24
 U64 = (1 << 64) - 1
@@ -303,8 +304,13 @@ class DmaUnmap:
 
 _DEVICE_INFO = struct.Struct("<IIII")
 DEVICE_INFO = _DEVICE_INFO.size  # 16
-DEVICE_FLAGS_RESET = 0x1  # VFIO_DEVICE_FLAGS_RESET
-DEVICE_FLAGS_PCI = 0x2  # VFIO_DEVICE_FLAGS_PCI
+DEVICE_FLAGS_RESET = uapi.VFIO_DEVICE_FLAGS_RESET
+DEVICE_FLAGS_PCI = uapi.VFIO_DEVICE_FLAGS_PCI
+# The message keeps the struct's first four fields: the kernel's struct
+# goes on with cap_offset (Debian's 6.1 headers: 20 bytes; 6.12 adds a pad:
+# 24), which vfio-user's DEVICE_GET_INFO does not carry (QEMU 10.1-11.1
+# hw/vfio-user/protocol.h).
+uapi.check_layout(_DEVICE_INFO, "struct vfio_device_info", ("argsz", "flags", "num_regions", "num_irqs"), prefix=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +335,9 @@ class DeviceInfo:
 
 _REGION_INFO = struct.Struct("<IIIIQQ")
 REGION_INFO_SIZE = _REGION_INFO.size  # 32
-REGION_READ_FLAG = 0x1  # VFIO_REGION_INFO_FLAG_READ
-REGION_WRITE_FLAG = 0x2  # VFIO_REGION_INFO_FLAG_WRITE
+REGION_READ_FLAG = uapi.VFIO_REGION_INFO_FLAG_READ
+REGION_WRITE_FLAG = uapi.VFIO_REGION_INFO_FLAG_WRITE
+uapi.check_layout(_REGION_INFO, "struct vfio_region_info", ("argsz", "flags", "index", "cap_offset", "size", "offset"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,10 +364,11 @@ class RegionInfo:
 
 _IRQ_INFO = struct.Struct("<IIII")
 IRQ_INFO_SIZE = _IRQ_INFO.size  # 16
-IRQ_INFO_EVENTFD = 0x1
-IRQ_INFO_MASKABLE = 0x2
-IRQ_INFO_AUTOMASKED = 0x4
-IRQ_INFO_NORESIZE = 0x8
+IRQ_INFO_EVENTFD = uapi.VFIO_IRQ_INFO_EVENTFD
+IRQ_INFO_MASKABLE = uapi.VFIO_IRQ_INFO_MASKABLE
+IRQ_INFO_AUTOMASKED = uapi.VFIO_IRQ_INFO_AUTOMASKED
+IRQ_INFO_NORESIZE = uapi.VFIO_IRQ_INFO_NORESIZE
+uapi.check_layout(_IRQ_INFO, "struct vfio_irq_info", ("argsz", "flags", "index", "count"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,18 +397,19 @@ class IrqInfo:
 class IrqSetFlag(IntFlag):
     """``vfio_irq_set.flags``: one DATA_* and one ACTION_* bit."""
 
-    DATA_NONE = 1 << 0
-    DATA_BOOL = 1 << 1
-    DATA_EVENTFD = 1 << 2
-    ACTION_MASK = 1 << 3
-    ACTION_UNMASK = 1 << 4
-    ACTION_TRIGGER = 1 << 5
+    DATA_NONE = uapi.VFIO_IRQ_SET_DATA_NONE
+    DATA_BOOL = uapi.VFIO_IRQ_SET_DATA_BOOL
+    DATA_EVENTFD = uapi.VFIO_IRQ_SET_DATA_EVENTFD
+    ACTION_MASK = uapi.VFIO_IRQ_SET_ACTION_MASK
+    ACTION_UNMASK = uapi.VFIO_IRQ_SET_ACTION_UNMASK
+    ACTION_TRIGGER = uapi.VFIO_IRQ_SET_ACTION_TRIGGER
 
 
 _DATA_FLAGS = int(IrqSetFlag.DATA_NONE | IrqSetFlag.DATA_BOOL | IrqSetFlag.DATA_EVENTFD)
 _ACTION_FLAGS = int(IrqSetFlag.ACTION_MASK | IrqSetFlag.ACTION_UNMASK | IrqSetFlag.ACTION_TRIGGER)
 _IRQ_SET = struct.Struct("<IIIII")
 IRQ_SET_SIZE = _IRQ_SET.size  # 20
+uapi.check_layout(_IRQ_SET, "struct vfio_irq_set", ("argsz", "flags", "index", "start", "count"))
 
 
 @dataclass(frozen=True, slots=True)
