@@ -101,7 +101,13 @@ def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, verbos
                        "hostrelay.frontends.vfio_user)", err=True)  # fmt: skip
             sys.exit(2)
         # The vfio-user module's hook: edu_frontend(socket_path, bdf) -> FrontEndFactory.
-        factories = [vfio_user.edu_frontend(path, bdf) for path, bdf in edus]
+        try:
+            factories = [vfio_user.edu_frontend(path, bdf) for path, bdf in edus]
+        except ValueError as exc:  # a malformed BDF
+            raise click.BadParameter(str(exc), param_hint="'--edu'") from exc
+        bdfs = [vfio_user.endpoint_id_of(bdf) for _, bdf in edus]
+        if len(set(bdfs)) != len(bdfs):
+            raise click.BadParameter("two endpoints at one PCI address", param_hint="'--edu'")
     relay = Relay(GuestMemory(), bypass=bypass)
     try:
         serve(vhost_user, relay, frontends=factories,

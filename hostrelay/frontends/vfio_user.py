@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hostrelay.firmware.viot import Bdf
 from hostrelay.frontends import vfio_user_wire as w
@@ -51,12 +52,16 @@ from hostrelay.frontends.loop import Loop
 from hostrelay.kernel import uapi
 from hostrelay.relay import Relay, TranslationFault
 
+if TYPE_CHECKING:
+    from hostrelay.frontends.vhost_user import FrontEndFactory, VhostUserDevice
+
 __all__ = [
     "DmaRegions",
     "EduServer",
     "MAX_DATA_XFER",
     "MAX_MSG_FDS",
     "RelayDma",
+    "edu_frontend",
     "endpoint_id_of",
 ]
 
@@ -713,3 +718,43 @@ def _signal(fd: int) -> None:
         os.eventfd_write(fd, 1)
     except OSError as exc:  # not an eventfd, or its counter is full: the interrupt is lost
         log.warning("vfio-user: interrupt eventfd write failed: %s", exc)
+
+
+# --- beside the vhost-user device ---------------------------------------------------------
+
+
+def edu_frontend(socket_path: str | Path, bdf: str, *, dma_mask: int = DEFAULT_DMA_MASK) -> FrontEndFactory:
+    """What ``hostrelay serve --edu SOCKET@BDF`` runs: an :class:`EduServer` beside the vhost-user device.
+
+    Returns a :data:`~hostrelay.frontends.vhost_user.FrontEndFactory` for
+    :func:`~hostrelay.frontends.vhost_user.serve`: given the serve loop and
+    the device, it declares the emulated endpoint ``endpoint_id_of(bdf)`` in
+    the device's relay and listens on ``socket_path`` on that same loop (so
+    a guest MAP served from the request queue is in the table before the
+    edu's next DMA is translated).  Each translation fault calls
+    ``device.deliver_events()``, which puts the relay's fault record on the
+    guest's event queue and interrupts.
+
+    ``bdf`` must be where the VMM places the ``vfio-user-pci`` function in
+    the guest, and the firmware's VIOT must give it that requester ID
+    (``hostrelay viot --endpoints BDF``): the guest driver names endpoints
+    by what the VIOT says.  A malformed ``bdf`` raises :class:`ValueError`
+    here, before anything listens; an endpoint ID the relay already has
+    raises when the factory runs.
+    """
+    endpoint = endpoint_id_of(bdf)
+    path = Path(socket_path)
+
+    def make(loop: Loop, device: VhostUserDevice) -> EduServer:
+        device.relay.add_endpoint(endpoint)
+
+        def fault(_fault: TranslationFault) -> None:
+            # The record is already in the relay (Relay.translate queued it);
+            # this only moves it to the eventq if the driver has set one up.
+            device.deliver_events()
+
+        server = EduServer(device.relay, path, endpoint, loop, on_fault=fault, dma_mask=dma_mask)
+        log.info("vfio-user: edu endpoint %#x (%s) on %s", endpoint, bdf, path)
+        return server
+
+    return make
