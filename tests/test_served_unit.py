@@ -98,7 +98,7 @@ def test_guest_map_translates_the_edus_dma_and_a_fault_reaches_the_eventq(
                          MapRequest(1, 0x100000, 0x100FFF, 0x600000, 3).pack()]) == [Status.OK] * 3  # fmt: skip
     pattern = os.urandom(2048)
     fe.mem.write(0x600000, pattern)
-    edu = Edu(VfioDevice(client))
+    edu = Edu(VfioDevice(client))  # type: ignore[arg-type]  # the Device surface Edu uses
     edu.to_device(0x100000, 2048)
     edu.from_device(0x100800, 2048)
     assert fe.mem.read(0x600800, 2048) == pattern  # RAM -> device -> RAM at the GPA the guest's MAP named
@@ -130,7 +130,7 @@ def test_a_fault_before_the_eventq_is_set_up_waits_in_the_relay(
     client.dma_map(0, RAM, os.dup(fe.memfd))
     assert requests(fe, [AttachRequest(1, EP).pack()]) == [Status.OK]
     # No event buffer yet: deliver_events has nowhere to put the record, so it stays queued.
-    Edu(VfioDevice(client)).from_device(0x100000, 64)
+    Edu(VfioDevice(client))  # type: ignore[arg-type]  # the Device surface Edu uses.from_device(0x100000, 64)
     assert server.dma.faults == 1 and not fe.eq.used()
     (record,) = relay.pop_events()
     assert Fault.unpack(record).address == 0x100000
