@@ -154,10 +154,18 @@ def testbed() -> None:
 @click.option("--qemu", type=click.Choice(["host", "newer"]), default="host", show_default=True,
               help="The host's QEMU, or a newer one (Debian trixie-backports', in a private root under "
                    "~/.cache/hostrelay, provisioned on first use, ~1 min).")
+@click.option("--served-iommu", is_flag=True,
+              help="hostrelay itself is the guest's only IOMMU: 'hostrelay serve' beside the VM, its virtio-iommu "
+                   "over vhost-user and --served-edu edu endpoints over vfio-user, a VIOT naming them. Implies "
+                   "--qemu newer and the virtio flavour's kernel; no QEMU IOMMU and no QEMU edu.")
+@click.option("--served-edu", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="With --served-iommu: edu endpoints served behind it (guest 00:15.0, 00:16.0, ...).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
-                modules: Path | None, memory_mb: int, iommufd: bool, icount: bool, qemu: str, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
+@click.pass_context
+def testbed_run(ctx: click.Context, iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
+                modules: Path | None, memory_mb: int, iommufd: bool, icount: bool, qemu: str, served_iommu: bool,
+                served_edu: int, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
     """Boot the testbed, run CMD as root in it, power off; exit with CMD's status.
 
     The guest sees the host's root filesystem read-only with a writable
@@ -175,9 +183,22 @@ def testbed_run(iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports
         if not quiet:
             click.echo(text, err=True)
 
+    given = {name for name in ("iommu", "qemu", "edu", "bridged_edu", "served_edu")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}  # fmt: skip
+    if served_iommu:
+        clash = [f"--{n.replace('_', '-')} {v}" for n, v, ok in (("iommu", iommu, "virtio"), ("qemu", qemu, "newer"))
+                 if n in given and v != ok] + [f"--{n.replace('_', '-')} {v}" for n, v in (("edu", edu), ("bridged_edu", bridged_edu))
+                                               if n in given and v]  # fmt: skip
+        if clash:
+            raise click.UsageError(f"--served-iommu is the guest's only IOMMU on the newer QEMU, without QEMU's own "
+                                   f"edu: drop {', '.join(clash)}")  # fmt: skip
+        iommu, qemu, edu = "virtio", "newer", 0
+    elif "served_edu" in given:
+        raise click.UsageError("--served-edu needs --served-iommu")
     config = TestbedConfig(iommu=iommu, edu=edu, nvme=nvme, bridged_edu=bridged_edu, hotplug_ports=hotplug_ports,
                            kernel_args=kernel_args, kernel=kernel,
-                           modules=modules, memory_mb=memory_mb, icount=icount, iommufd=iommufd, qemu=qemu)  # fmt: skip
+                           modules=modules, memory_mb=memory_mb, icount=icount, iommufd=iommufd, qemu=qemu,
+                           served_iommu=served_iommu, served_edu=served_edu, shared_memory=served_iommu)  # fmt: skip
     try:
         result = run(cmd, config, timeout=timeout, on_output=out, log=log)
     except TestbedSetupError as exc:

@@ -130,7 +130,8 @@ def test_a_fault_before_the_eventq_is_set_up_waits_in_the_relay(
     client.dma_map(0, RAM, os.dup(fe.memfd))
     assert requests(fe, [AttachRequest(1, EP).pack()]) == [Status.OK]
     # No event buffer yet: deliver_events has nowhere to put the record, so it stays queued.
-    Edu(VfioDevice(client))  # type: ignore[arg-type]  # the Device surface Edu uses.from_device(0x100000, 64)
+    edu = Edu(VfioDevice(client))  # type: ignore[arg-type]  # the Device surface Edu uses
+    edu.from_device(0x100000, 64)
     assert server.dma.faults == 1 and not fe.eq.used()
     (record,) = relay.pop_events()
     assert Fault.unpack(record).address == 0x100000
@@ -174,3 +175,58 @@ def test_the_cli_serves_both_sockets_and_ends_cleanly_on_sigterm(tmp_path: Path)
     assert proc.returncode == 0, err.decode()
     assert f"edu endpoint {EP:#x} ({BDF})".encode() in err
     assert not vu.exists() and not edu.exists()  # both front ends removed their sockets
+
+
+# --- the testbed's served-IOMMU boot, as far as it goes without booting ---------------------
+
+
+def test_served_config_needs_the_newer_qemu_and_no_iommu_or_edu_of_qemus() -> None:
+    from hostrelay.testbed import TestbedConfig
+
+    cfg = TestbedConfig.served(3)
+    assert (cfg.qemu, cfg.iommu, cfg.shared_memory, cfg.edu, cfg.served_edu) == ("newer", "virtio", True, 0, 3)
+    with pytest.raises(ValueError, match='qemu="newer"') as exc:
+        TestbedConfig(served_iommu=True)
+    assert "edu=0" in str(exc.value) and "shared_memory" in str(exc.value)
+    with pytest.raises(ValueError, match="served_edu in 1..8"):
+        TestbedConfig.served(9)
+
+
+def test_served_qemu_args_name_no_qemu_iommu_and_the_viot_covers_exactly_the_edus(tmp_path: Path) -> None:
+    import json
+
+    from hostrelay.firmware.viot import Bdf, build, parse
+    from hostrelay.testbed import TestbedConfig
+    from hostrelay.testbed.served import IOMMU_BDF, edu_bdfs, qemu_args, viot_table
+    from hostrelay.testbed.vm import _qemu_args
+
+    bdfs = edu_bdfs(2)
+    assert bdfs == ["00:15.0", "00:16.0"]
+    table = parse(build(viot_table(bdfs)))
+    assert [str(i.address) for i in table.iommus] == ["0000:" + IOMMU_BDF]
+    assert [(r.bdf_start, r.bdf_end, r.endpoint_start) for r in table.ranges] == [
+        (Bdf.parse(b).bdf, Bdf.parse(b).bdf, endpoint_id_of(b)) for b in bdfs]  # fmt: skip
+    assert table.endpoint_id(Bdf.parse("00:15.1")) is None  # nothing between or beside them
+    served = qemu_args(tmp_path / "v.sock", [(tmp_path / "e0.sock", bdfs[0])], tmp_path / "viot.bin")
+    args = _qemu_args(TestbedConfig.served(1), tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path, served)
+    joined = " ".join(args)
+    assert "virtio-iommu-pci" not in joined and "intel-iommu" not in joined and "-device edu" not in joined
+    assert f"vhost-user-test-device-pci,chardev=hrviommu,virtio-id=23,num_vqs=2,config_size=40,addr=0x14.0" in args
+    edu = json.loads(args[args.index("-acpitable") - 1])
+    assert edu == {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(tmp_path / "e0.sock")}, "addr": "0x15.0"}
+    assert "memory-backend-memfd,id=mem,size=2048M,share=on" in args
+    assert "vfio_iommu_type1.allow_unsafe_interrupts=1" in args[-1]
+
+
+def test_testbed_run_served_options_imply_and_refuse(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hostrelay.cli import main
+
+    runner = CliRunner()
+    for argv, why in ((["--served-iommu", "--iommu", "intel"], "--iommu intel"),
+                      (["--served-iommu", "--qemu", "host"], "--qemu host"),
+                      (["--served-iommu", "--edu", "2"], "--edu 2"),
+                      (["--served-edu", "2"], "needs --served-iommu")):  # fmt: skip
+        result = runner.invoke(main, ["testbed", "run", *argv, "--", "true"])
+        assert result.exit_code == 2 and why in result.output, result.output

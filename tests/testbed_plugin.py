@@ -15,8 +15,11 @@ that is a failure: CI must run them.
 
 Marker: ``@pytest.mark.vfio(iommu=("intel", "virtio"), edu=1, nvme=0,
 bridged_edu=0, hotplug_ports=0, kernel_args=(...), icount=False, iommufd=False,
-backend=("type1",), qemu="host")`` (see ``TestbedConfig``; ``qemu="newer"`` boots the
-newer QEMU, provisioned on first use like the iommufd kernel is built).  A test listing several IOMMUs takes a ``vfio_iommu``
+backend=("type1",), qemu="host", served_iommu=False, served_edu=1)`` (see ``TestbedConfig``;
+``qemu="newer"`` boots the newer QEMU, provisioned on first use like the iommufd kernel
+is built; ``served_iommu=True`` makes ``hostrelay serve`` the guest's only IOMMU with
+``served_edu`` edu endpoints behind it, on the newer QEMU: ``iommu``, ``qemu`` and
+``edu`` are then implied, see ``hostrelay.testbed.served``).  A test listing several IOMMUs takes a ``vfio_iommu``
 argument and is parametrized over them.  A test (or fixture) taking ``vfio_backend``
 is parametrized over ``backend`` (the relay's ``backend=`` for VFIO endpoints);
 its ``"iommufd"`` case runs in the iommufd kernel's boot (``iommufd=True``).
@@ -63,8 +66,13 @@ class GroupKey:
     icount: bool = False
     iommufd: bool = False
     qemu: str = "host"
+    served_iommu: bool = False
+    served_edu: int = 0
 
     def describe(self) -> str:
+        if self.served_iommu:
+            extra = "".join(f" --kernel-arg {a}" for a in self.kernel_args)
+            return f"--served-iommu --served-edu {self.served_edu} --nvme {self.nvme}{extra}"
         extra = f" --bridged-edu {self.bridged_edu}" if self.bridged_edu else ""
         extra += f" --hotplug-ports {self.hotplug_ports}" if self.hotplug_ports else ""
         extra += "".join(f" --kernel-arg {a}" for a in self.kernel_args)
@@ -76,6 +84,9 @@ class GroupKey:
     def testbed_config(self) -> Any:
         from hostrelay.testbed import TestbedConfig
 
+        if self.served_iommu:
+            return TestbedConfig.served(self.served_edu, nvme=self.nvme, hotplug_ports=self.hotplug_ports,
+                                        kernel_args=self.kernel_args, icount=self.icount)  # fmt: skip
         return TestbedConfig(iommu=self.iommu, edu=self.edu, nvme=self.nvme, bridged_edu=self.bridged_edu,
                              hotplug_ports=self.hotplug_ports, kernel_args=self.kernel_args,
                              icount=self.icount, iommufd=self.iommufd, qemu=self.qemu)  # fmt: skip
@@ -99,6 +110,12 @@ def group_key(item: pytest.Item) -> GroupKey:
         # allow_unsafe_interrupts=1 (Linux 6.12 vfio_iommu_type1).
         args = tuple(sorted(set(args) | {"vfio_iommu_type1.allow_unsafe_interrupts=1"}))
     kw = marker.kwargs
+    if kw.get("served_iommu", False):
+        # hostrelay is the only IOMMU (hostrelay.testbed.served): the newer QEMU,
+        # the virtio flavour's kernel, no QEMU edu; type1 needs unsafe interrupts
+        # there as well (the testbed adds the argument itself).
+        return GroupKey("virtio", 0, int(kw.get("nvme", 0)), 0, int(kw.get("hotplug_ports", 0)), tuple(sorted(args)),
+                        bool(kw.get("icount", False)), False, "newer", True, int(kw.get("served_edu", 1)))  # fmt: skip
     backend = callspec.params.get("vfio_backend") if callspec is not None else None
     iommufd = bool(kw.get("iommufd", False)) or backend == "iommufd"
     return GroupKey(iommu, int(kw.get("edu", 1)), int(kw.get("nvme", 0)), int(kw.get("bridged_edu", 0)),
@@ -287,7 +304,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             if item.get_closest_marker("vfio") is None:
                 continue
             key = group_key(item)
-            if flavour and key.iommu != flavour:
+            served = int(os.environ.get("HOSTRELAY_TESTBED_SERVED_EDU", "0") or 0)
+            if flavour and key.served_iommu != bool(served):
+                item.add_marker(pytest.mark.skip(reason="needs the testbed with hostrelay serving the IOMMU "
+                                                        "(testbed run --served-iommu)" if key.served_iommu else
+                                                        "needs the testbed's own QEMU IOMMU, this boot serves hostrelay's"))  # fmt: skip
+            elif key.served_iommu and served < key.served_edu:
+                item.add_marker(pytest.mark.skip(reason=f"needs {key.served_edu} served edu, this boot has {served}"))
+            elif flavour and key.iommu != flavour:
                 item.add_marker(pytest.mark.skip(reason=f"needs the {key.iommu} testbed, this is {flavour}"))
             elif key.qemu == "newer" and not (flavour and os.environ.get("HOSTRELAY_TESTBED_QEMU") == "newer"):
                 # Only a requirement for the newer QEMU skips: the other tests
