@@ -75,8 +75,11 @@ def _edu_spec(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @click.option("--edu", "edus", multiple=True, metavar="SOCKET@BDF", callback=_edu_spec,
               help="Also serve an emulated edu endpoint over vfio-user on SOCKET, as PCI function BDF (repeatable).")
 @click.option("--bypass/--no-bypass", default=True, show_default=True, help="Config bypass at reset.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="Write every request served and its reply, each reset's table and the final table to this file "
+                   "(JSON lines, see hostrelay.frontends.record) for replay.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each connection and reset.")
-def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, verbose: bool) -> None:
+def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, record_path: Path | None, verbose: bool) -> None:
     """Serve the virtio-iommu device to a VMM over vhost-user until SIGTERM or SIGINT.
 
     One front end at a time; after a disconnect (the device is reset) the
@@ -108,14 +111,38 @@ def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, verbos
         bdfs = [vfio_user.endpoint_id_of(bdf) for _, bdf in edus]
         if len(set(bdfs)) != len(bdfs):
             raise click.BadParameter("two endpoints at one PCI address", param_hint="'--edu'")
-    relay = Relay(GuestMemory(), bypass=bypass)
+    from hostrelay.frontends.loop import Loop
+    from hostrelay.frontends.vhost_user import VhostUserServer
+
+    loop: Loop | None = None
+    recording: Any = None
+    if record_path is not None:
+        from hostrelay.frontends.record import RecordingLoop, RecordingRelay, open_record
+
+        try:
+            record = open_record(record_path)
+        except OSError as exc:
+            click.echo(f"hostrelay serve: --record: {exc}", err=True)
+            sys.exit(1)
+        recording = RecordingRelay(GuestMemory(), bypass=bypass, record=record)
+        loop = RecordingLoop(recording)
+    relay: Relay = recording if recording is not None else Relay(GuestMemory(), bypass=bypass)
+
+    def ready(server: VhostUserServer) -> None:
+        if recording is not None:
+            recording.begin()  # every endpoint is declared now, and nothing has been served
+        click.echo(f"hostrelay serve: vhost-user on {server.path}", err=True)
+
     try:
-        serve(vhost_user, relay, frontends=factories,
-              ready=lambda server: click.echo(f"hostrelay serve: vhost-user on {server.path}", err=True))  # fmt: skip
+        serve(vhost_user, relay, frontends=factories, ready=ready, loop=loop)
     except OSError as exc:
         click.echo(f"hostrelay serve: {exc}", err=True)
         sys.exit(1)
     finally:
+        if recording is not None:
+            recording.finish()
+            recording.record.close()
+            click.echo(f"hostrelay serve: recorded {recording.recorded} requests to {record_path}", err=True)
         relay.close()
         relay.memory.close()
 

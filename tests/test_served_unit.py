@@ -156,7 +156,8 @@ def test_the_cli_serves_both_sockets_and_ends_cleanly_on_sigterm(tmp_path: Path)
     vu, edu = tmp_path / "vu.sock", tmp_path / "edu.sock"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "hostrelay.cli", "serve", "--vhost-user", str(vu),
-                             "--edu", f"{edu}@{BDF}", "-v"], env=env, stderr=subprocess.PIPE)  # fmt: skip
+                             "--edu", f"{edu}@{BDF}", "--record", str(tmp_path / "rec.jsonl"), "-v"],
+                            env=env, stderr=subprocess.PIPE)  # fmt: skip
     try:
         _wait_for([vu, edu], proc)
         s = socket.socket(socket.AF_UNIX)
@@ -175,6 +176,12 @@ def test_the_cli_serves_both_sockets_and_ends_cleanly_on_sigterm(tmp_path: Path)
     assert proc.returncode == 0, err.decode()
     assert f"edu endpoint {EP:#x} ({BDF})".encode() in err
     assert not vu.exists() and not edu.exists()  # both front ends removed their sockets
+    # The recording: its header names the edu's endpoint, and SIGTERM wrote the final table.
+    from hostrelay.frontends.record import read_records
+
+    objs = list(read_records((tmp_path / "rec.jsonl").read_text().splitlines()))
+    assert [o["kind"] for o in objs] == ["header", "table"] and objs[0]["endpoints"] == [EP]
+    assert b"recorded 0 requests" in err
 
 
 # --- the testbed's served-IOMMU boot, as far as it goes without booting ---------------------
@@ -230,3 +237,104 @@ def test_testbed_run_served_options_imply_and_refuse(tmp_path: Path) -> None:
                       (["--served-edu", "2"], "needs --served-iommu")):  # fmt: skip
         result = runner.invoke(main, ["testbed", "run", *argv, "--", "true"])
         assert result.exit_code == 2 and why in result.output, result.output
+
+
+# --- serve --record, and its replay ----------------------------------------------------------
+
+
+def _recorded_session(tmp_path: Path) -> Path:
+    """A guest's session through the fake vhost-user front end, recorded: the file's path."""
+    from hostrelay.frontends.record import RecordingLoop, RecordingRelay, open_record
+    from hostrelay.frontends.vhost_user_wire import Request
+    from hostrelay.frontends import vhost_user_wire as vw
+    from hostrelay.model.wire import DetachRequest, UnmapRequest
+
+    path = tmp_path / "rec.jsonl"
+    relay = RecordingRelay(GuestMemory(), record=open_record(path))
+    loop = RecordingLoop(relay)
+    device = VhostUserDevice(relay, loop)
+    server = edu_frontend(tmp_path / "edu.sock", BDF)(loop, device)
+    relay.begin()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = VhostUserConnection(b, device, loop)
+    fe = FrontEnd(a, loop)
+    try:
+        features = fe.connect_sequence()
+        fe.driver_ok_sequence(features)
+        # The C walker serves MAP/UNMAP, Python ATTACH/DETACH/PROBE; refusals are recorded too.
+        ok = requests(fe, [ProbeRequest(EP).pack(), AttachRequest(1, EP).pack(),
+                           *(MapRequest(1, 0x100000 + i * 0x1000, 0x100FFF + i * 0x1000, 0x600000 + i * 0x1000, 3).pack()
+                             for i in range(8)),
+                           UnmapRequest(1, 0x102000, 0x103FFF).pack(),
+                           MapRequest(1, 0x100000, 0x100FFF, 0x600000, 3).pack(),  # overlaps: INVAL
+                           AttachRequest(1, 0x999).pack()])  # no such endpoint: NOENT  # fmt: skip
+        assert ok[:11] == [Status.OK] * 11 and ok[11:] == [Status.INVAL, Status.NOENT]
+        loop.run_once(0)
+        # Poweroff: the rings stop, which resets the device (every domain goes).
+        for i in range(2):
+            fe.ack(Request.SET_VRING_ENABLE, vw.vring_state(i, 0))
+        base = [vw.unpack_vring_state(fe.send(Request.GET_VRING_BASE, vw.vring_state(i, 0), need_reply=False) or b"").num
+                for i in range(2)]  # fmt: skip
+        assert relay.domain_ids() == []
+        # After the reset the guest's driver starts again (where the rings stopped) and leaves a domain behind.
+        fe.driver_ok_sequence(features, base=base)
+        assert requests(fe, [AttachRequest(2, EP).pack(), MapRequest(2, 0x0, 0xFFF, 0x1000, 1).pack(),
+                             DetachRequest(2, EP).pack(), AttachRequest(3, EP).pack(),
+                             MapRequest(3, 0x2000, 0x2FFF, 0x3000, 2).pack()]) == [Status.OK] * 5  # fmt: skip
+    finally:
+        # In hostrelay serve's order: the front ends end (a disconnect resets
+        # the device and drops guest RAM), then the recording is finished.
+        server.close()
+        conn.close()
+        relay.finish()
+        relay.record.close()
+        fe.close()
+        relay.close()
+        relay.memory.close()
+        loop.close()
+    return path
+
+
+def test_a_recorded_session_replays_to_the_same_replies_and_tables(tmp_path: Path) -> None:
+    import json
+
+    from hostrelay.frontends.record import read_records, replay
+
+    path = _recorded_session(tmp_path)
+    objs = list(read_records(path.read_text().splitlines()))
+    kinds = [o["kind"] for o in objs]
+    assert kinds[0] == "header" and kinds[-1] == "table" and objs[0]["endpoints"] == [EP]
+    assert kinds.count("request") == 18
+    assert [o["regions"] for o in objs if o["kind"] == "memory"] == [[[0, 1 << 20], [1 << 20, RAM - (1 << 20)]], []]
+    first, last = (o["table"]["domains"] for o in objs if o["kind"] == "reset")  # as each reset found it
+    (dom,) = first
+    assert dom["id"] == 1 and dom["endpoints"] == [EP]
+    assert [m[0] for m in dom["mappings"]] == [0x100000 + i * 0x1000 for i in (0, 1, 4, 5, 6, 7)]
+    assert [(d["id"], d["mappings"]) for d in last] == [(3, [[0x2000, 0x2FFF, 0x3000, 2]])]  # the disconnect's
+    assert objs[-1]["table"] == {"domains": []}  # the final table: after the disconnect's reset
+    result = replay(path.read_text().splitlines())
+    assert result.ok, (result.mismatches, result.table_mismatches)
+    assert result.requests == 18 and result.resets == 2 and result.statuses == {0: 16, 4: 1, 6: 1}
+    # The comparison can fail: a reply changed in the file, or a table, is reported.
+    lines = path.read_text().splitlines()
+    i = next(n for n, ln in enumerate(lines) if '"kind":"request"' in ln and '"reply":"00000000"' in ln)
+    tampered = json.loads(lines[i])
+    tampered["reply"] = "04000000"
+    bad = [*lines[:i], json.dumps(tampered), *lines[i + 1:]]
+    assert [m[0] for m in replay(bad).mismatches] == [i + 1]
+    j = max(n for n, ln in enumerate(lines) if '"kind":"reset"' in ln)
+    bad_table = [*lines[:j], lines[j].replace("12288", "16384"), *lines[j + 1:]]
+    assert not replay(bad_table).ok and replay(bad_table).table_mismatches
+
+
+def test_replay_refuses_what_is_not_a_recording(tmp_path: Path) -> None:
+    from hostrelay.frontends.record import replay
+
+    with pytest.raises(ValueError, match="line 1"):
+        replay(['{"kind":"request"}'])
+    with pytest.raises(ValueError, match="line 1: not JSON"):
+        replay(["{"])
+    with pytest.raises(ValueError, match="is not the recorded"):  # another device's config
+        replay(['{"kind":"header","format":"hostrelay-record","version":1,"bypass":true,"config":"00","endpoints":[]}'])
+    with pytest.raises(ValueError, match="version 2"):
+        replay(['{"kind":"header","format":"hostrelay-record","version":2}'])

@@ -118,8 +118,7 @@ class ServedIommu:
     xfer: Path
     edu_count: int = 1
     # --record (the recording comes back in the run's files).
-    # (off until serve has --record)
-    record: bool = False
+    record: bool = True
     proc: subprocess.Popen[bytes] | None = None
 
     @property
