@@ -207,6 +207,19 @@ class TestbedRunner:
         self.results: dict[GroupKey, dict[str, dict[str, Any]]] = {}
         self.errors: dict[GroupKey, str] = {}
         self.timings: list[str] = []
+        # The files each boot returned (TestbedResult.files): a host-side test
+        # reads what the guest's tests left, or what the served IOMMU recorded.
+        self.files: dict[GroupKey, dict[str, bytes]] = {}
+
+    def files_for(self, key: GroupKey) -> dict[str, bytes]:
+        """The files of the boot for ``key`` (booting it now if its tests have not run yet)."""
+        if key not in self.results and key not in self.errors:
+            self._run_group(key)
+        if key in self.errors:
+            if _must_run():
+                pytest.fail(self.errors[key], pytrace=False)
+            pytest.skip(self.errors[key])
+        return self.files.get(key, {})
 
     def result_for(self, item: RemoteTestbedItem) -> dict[str, Any]:
         if item.key not in self.results and item.key not in self.errors:
@@ -281,6 +294,7 @@ class TestbedRunner:
                 outcomes[n] = {"outcome": "failed", "longrepr": f"no result from the testbed (exit {result.returncode}, "
                                f"timed out: {result.timed_out}).\nOutput tail:\n{tail}\nConsole tail:\n{result.console[-2000:]}"}  # fmt: skip
         self.results[key] = outcomes
+        self.files[key] = result.files
         self.timings.append(
             f"{key.describe()}: {len(nodeids)} tests, boot {result.boot_seconds or 0:.1f} s, "
             f"total {time.monotonic() - started:.1f} s, kernel {result.kernel}, QEMU {result.qemu}{retried}"
