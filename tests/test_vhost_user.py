@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -284,6 +286,58 @@ def test_bypass_byte_through_set_config(pair: tuple[FrontEnd, VhostUserConnectio
     assert fe.send(Request.GET_CONFIG, w.config_msg(32, bytes(16)), need_reply=False) == b""
     assert w.unpack_u64(fe.send(Request.SET_CONFIG, w.config_msg(40, b"\x01")) or b"") != 0
     assert fe.send(Request.GET_QUEUE_NUM, need_reply=False) == w.u64(2)
+
+
+def test_no_interrupt_flag_suppresses_the_call(pair: tuple[FrontEnd, VhostUserConnection], relay: Relay) -> None:
+    fe, conn = pair
+    conn.device.busy_poll = 0
+    fe.driver_ok_sequence(fe.connect_sequence())
+    # Linux 6.12's virtio-iommu: the requestq has no callback, so the driver
+    # sets VRING_AVAIL_F_NO_INTERRUPT (virtio 1.2 §2.7.7) and spins instead.
+    fe.mem.write(fe.rq.avail, struct.pack("<H", 1))
+    assert requests(fe, [AttachRequest(1, ENDPOINT).pack()]) == [Status.OK]
+    assert not fired(fe.call[0]), "interrupted a driver that asked for none"
+    fe.mem.write(fe.rq.avail, struct.pack("<H", 0))  # interrupts wanted again: the next completion calls
+    assert requests(fe, [MapRequest(1, 0x10000, 0x10FFF, 0x800000, 3).pack()]) == [Status.OK]
+    assert fired(fe.call[0])
+
+
+def test_busy_poll_serves_the_next_request_without_a_kick(pair: tuple[FrontEnd, VhostUserConnection],
+                                                          relay: Relay) -> None:  # fmt: skip
+    fe, conn = pair
+    conn.device.busy_poll = 5.0  # long enough for the driver thread below, on any machine
+    fe.driver_ok_sequence(fe.connect_sequence())
+    seen: dict[str, object] = {}
+
+    def driver() -> None:
+        # While the device polls: it has told the driver not to kick...
+        deadline = time.monotonic() + 5
+        while fe.rq.consume() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        seen["no_notify"] = struct.unpack("<H", fe.mem.read(fe.rq.used_ring, 2))[0] & 1
+        # ...so this request gets no kick, and is served all the same.
+        _, (out,) = fe.rq.add([MapRequest(1, 0x10000, 0x10FFF, 0x800000, 3).pack()], [4], publish=True)
+        while fe.rq.consume() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        seen["status"] = fe.mem.read(out, 1)[0]
+
+    fe.rq.add([AttachRequest(1, ENDPOINT).pack()], [4], publish=True)
+    thread = threading.Thread(target=driver)
+    thread.start()
+    fe.notify(0)  # the kick, then the poll (it ends BUSY_POLL_MAX after the last request it served)
+    thread.join(10)
+    assert seen == {"no_notify": 1, "status": Status.OK}, seen
+    assert relay.translate(ENDPOINT, 0x10010, 4, write=True) == 0x800010
+    assert struct.unpack("<H", fe.mem.read(fe.rq.used_ring, 2))[0] & 1 == 0, "NO_NOTIFY left set after the poll"
+    assert not kicked(fe.kick[0]), "a kick was consumed that the driver never sent"
+
+
+def kicked(fd: int) -> bool:
+    try:
+        os.read(fd, 8)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def test_broken_ring_signals_the_error_eventfd(pair: tuple[FrontEnd, VhostUserConnection], relay: Relay) -> None:
