@@ -37,15 +37,15 @@ counted and reported; any makes the run fail.
 
 Measured (2 boots, identical to the last digit under --icount; testbed
 intel-iommu, the --iommufd kernel 6.12.95; checked-in corpus, 42 029
-requests): type1 raw 4.85 us/request, ring 5.43 (1.119x), ring floor 4.98
-(1.027x); iommufd raw 7.21, ring 7.79 (1.080x); 0 refused.  The relay's
-cost over raw is the same ~0.58 us (guest instructions: ~580) per request
+requests): type1 raw 4.85 us/request, ring 5.32 (1.096x), ring floor 4.98
+(1.026x); iommufd raw 7.21, ring 7.68 (1.065x); 0 refused.  The relay's
+cost over raw is the same ~0.47 us (guest instructions: ~470) per request
 on both backends, so the ratio is lower where the ioctl is dearer.  A
 1:1 forwarder cannot reach 1.00x: the ring floor, which does nothing but
-walk the ring and issue the same ioctl, is already 1.027x.  With --batch 1
+walk the ring and issue the same ioctl, is already 1.026x.  With --batch 1
 (one request a kick; as far as we know what Linux 6.12's virtio-iommu
 driver really does in strict mode, waiting for each MAP and UNMAP): type1
-1.880x (floor 1.383x), iommufd 1.591x: per kick, Python's process_queue
+1.868x (floor 1.381x), iommufd 1.585x: per kick, Python's process_queue
 call dominates.
 """
 
