@@ -62,7 +62,7 @@ def world(tmp_path: Path) -> Iterator[tuple[Relay, Loop, FrontEnd, VhostUserConn
 
 def test_bad_bdf_is_refused_before_anything_listens(tmp_path: Path) -> None:
     for bad in ("00:20.0", "4.0", "zz:00.0"):
-        with pytest.raises(ValueError, match="PCI address|above 31"):
+        with pytest.raises(ValueError, match="PCI address|out of range"):
             edu_frontend(tmp_path / "x.sock", bad)
     assert list(tmp_path.iterdir()) == []
 
