@@ -693,7 +693,9 @@ int hr_table_find_exact(const hr_table *t, uint64_t start, uint64_t end, struct 
 	return l != NULL;
 }
 
-int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
+/* Mark the mapping that is exactly [start, end] and return its leaf (its
+ * slot in t->mark_i), or clear the mark and return NULL. */
+static struct hr_leaf *hr_mark(hr_table *t, uint64_t start, uint64_t end)
 {
 	uint32_t i = t->mark_i;
 	struct hr_leaf *l = t->mark;
@@ -701,24 +703,25 @@ int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapp
 	/* Already marked (a mark is exact: any change clears or moves it). */
 	if (!l || l->start[i] != start || l->end[i] != end)
 		l = hr_exact(t, start, end, &i);
-
 	t->mark = l;
 	t->mark_i = i;
+	return l;
+}
+
+int hr_table_find_mark(hr_table *t, uint64_t start, uint64_t end, struct hr_mapping *out)
+{
+	struct hr_leaf *l = hr_mark(t, start, end);
+
 	if (l && out)
-		hr_export((struct hr_pos){ l, i }, out);
+		hr_export((struct hr_pos){ l, t->mark_i }, out);
 	return l != NULL;
 }
 
 int64_t hr_table_mark_flags(hr_table *t, uint64_t start, uint64_t end)
 {
-	uint32_t i = t->mark_i;
-	struct hr_leaf *l = t->mark;
+	struct hr_leaf *l = hr_mark(t, start, end);
 
-	if (!l || l->start[i] != start || l->end[i] != end)
-		l = hr_exact(t, start, end, &i);
-	t->mark = l;
-	t->mark_i = i;
-	return l ? (int64_t)l->flags[i] : -1;
+	return l ? (int64_t)l->flags[t->mark_i] : -1;
 }
 
 int hr_table_remove_marked(hr_table *t)
