@@ -367,6 +367,58 @@ def test_a_changed_memory_table_under_mappings_is_refused(pair: tuple[FrontEnd, 
     assert relay.domain_ids() == [] and relay.memory.regions == ()
 
 
+
+def test_a_guest_driver_rebind_resets_the_device_and_sets_it_up_again_on_one_connection(
+    pair: tuple[FrontEnd, VhostUserConnection], relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Linux's unbind + bind of virtio_iommu, as QEMU 11.1 passes it on (tests/test_served_rebind.py: the guest's).
+
+    The unbind's virtio reset reaches the back end as SET_VRING_ENABLE 0 and
+    GET_VRING_BASE per ring (vhost_dev_stop); the bind's DRIVER_OK as the
+    whole start again: SET_FEATURES, the same SET_MEM_TABLE, new rings at
+    new addresses from index 0.  The connection stays, nothing of the old
+    driver's state survives, and the new driver is served, event queue too.
+    """
+    caplog.set_level("INFO", logger=vu.__name__)
+    fe, conn = pair
+    features = fe.connect_sequence()
+    fe.driver_ok_sequence(features)
+    assert requests(fe, [AttachRequest(1, ENDPOINT).pack(), MapRequest(1, 0x10000, 0x10FFF, 0x800000, 3).pack()]) == [Status.OK] * 2
+    with pytest.raises(Exception):
+        relay.translate(ENDPOINT, 0x40000, 4, write=True)  # a fault record, waiting for an event buffer
+    # Unbind: viommu_remove's virtio_reset_device.
+    for i in range(2):
+        fe.ack(Request.SET_VRING_ENABLE, w.vring_state(i, 0))
+    got = [w.unpack_vring_state(fe.send(Request.GET_VRING_BASE, w.vring_state(i, 0), need_reply=False) or b"")
+           for i in range(2)]  # fmt: skip
+    assert got == [w.VringState(0, 2), w.VringState(1, 0)]
+    assert relay.domain_ids() == [] and relay.endpoint_domain(ENDPOINT) is None
+    assert caplog.text.count("rings stopped, device reset") == 1
+    assert relay.memory.contains(0, RAM), "guest RAM stays mapped across a device reset"
+    # Bind: a new driver instance, new rings elsewhere in guest RAM.
+    fe.rq = DriverQueue(fe.mem, 0xA00000, 64, data_size=1 << 16)
+    fe.eq = DriverQueue(fe.mem, 0xC00000, 8, data_size=4096)
+    fe.driver_ok_sequence(features)
+    assert not conn.closed
+    assert relay.queue_position(0).next_avail == 0 and relay.queue_position(1).next_avail == 0
+    assert caplog.text.count("ring 0 started") == 2 and caplog.text.count("ring 1 started") == 2
+    assert "SET_MEM_TABLE: the same 2 regions, mapping kept" in caplog.text
+    # The old driver's mapping is gone: unattached, the endpoint is in bypass (config bypass=1 kept, D-04).
+    assert relay.translate(ENDPOINT, 0x10000, 4, write=True) == 0x10000
+    statuses = requests(fe, [AttachRequest(1, ENDPOINT).pack(), MapRequest(1, 0x20000, 0x20FFF, 0x900000, 3).pack()])
+    assert statuses == [Status.OK] * 2
+    assert relay.translate(ENDPOINT, 0x20010, 4, write=True) == 0x900010
+    # The fault of before the reset was dropped with it; a new one reaches the new event queue.
+    buf = fe.eq.add([], [24])[1][0]
+    fe.notify(1)
+    assert not fe.eq.used()
+    with pytest.raises(Exception):
+        relay.translate(ENDPOINT, 0x30000, 4, write=False)
+    assert conn.device.deliver_events() == 1
+    (u,) = fe.eq.used()
+    assert u.len == 24 and int.from_bytes(fe.mem.read(buf + 16, 8), "little") == 0x30000
+
+
 # --- malformed and out-of-order messages: error, disconnect, the next front end is served ------------
 
 

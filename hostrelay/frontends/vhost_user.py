@@ -383,9 +383,11 @@ class VhostUserDevice:
         try:
             regions = self._check_regions(req, table.regions)
             if regions == self.mapped.regions:
-                # The same layout again (same memfds, as QEMU re-sends it):
-                # keep the mapping the rings and mappings already use.
+                # The same layout again (same memfds, as QEMU re-sends it on
+                # every start, a driver rebind's too): keep the mapping the
+                # rings and mappings already use.
                 close_fds(fds)
+                log.info("vhost-user: SET_MEM_TABLE: the same %d regions, mapping kept", len(regions))
                 return
             try:
                 self.relay.replace_memory((r.guest_addr, r.size, fd, r.mmap_offset) for r, fd in zip(regions, fds))
@@ -398,6 +400,7 @@ class VhostUserDevice:
             raise
         close_fds(self.mapped.fds)
         self.mapped = _Mapped(regions, fds)
+        log.info("vhost-user: SET_MEM_TABLE: %d regions mapped (%d MiB)", len(regions), sum(r.size for r in regions) >> 20)
 
     @staticmethod
     def _check_regions(req: Request, regions: Sequence[MemRegion]) -> tuple[MemRegion, ...]:
@@ -491,6 +494,10 @@ class VhostUserDevice:
         ring.enabled = ring.enabled or not self.protocol_negotiated
         self.running = True
         self.loop.add_reader(kick, lambda: self._on_kick(index))
+        # One line per ring start (``serve -v``): after a guest driver's
+        # reset or rebind, the log shows the rings set up again.
+        log.info("vhost-user: ring %d started: SET_VRING_NUM %d, SET_VRING_BASE %d, SET_VRING_ADDR desc %#x "
+                 "avail %#x used %#x (guest-physical), SET_VRING_KICK", index, ring.num, ring.base, desc, avail, used)
 
     def _set_vring_enable(self, req: Request, p: VringState) -> None:
         ring = self._ring(req, p.index)
@@ -510,7 +517,7 @@ class VhostUserDevice:
             # The first ring to stop stops the device: every ring's position
             # is kept for its own GET_VRING_BASE, then the device resets (see
             # the module docstring for why a stop is a reset).
-            self._stop_all("GET_VRING_BASE")
+            self._stop_all(f"GET_VRING_BASE of ring {index}")
         return ring.base
 
     def _stop_all(self, why: str) -> None:
@@ -529,6 +536,9 @@ class VhostUserDevice:
         self.relay.reset()
 
     def _reset_device(self, why: str) -> None:
+        # Logged even when no ring ran (then _stop_all says nothing): the log
+        # tells a RESET_DEVICE from a stop by GET_VRING_BASE.
+        log.info("vhost-user: %s: ring setup cleared", why)
         self._stop_all(why)
         for ring in self.rings:
             ring.num, ring.addr, ring.base = None, None, 0
