@@ -20,124 +20,26 @@ guest's driver logs the fault our event queue delivered.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from hostrelay.frontends.vfio_user import endpoint_id_of
+from served_guest import BASE, BDF, EP, FAULT_RE, IOMMU_BDF, PAGE, SysfsEdu, bind_edu, container, dmesg, low_page
+from served_guest import scenario_1, sysfs
 
-BDF = "0000:00:15.0"  # hostrelay.testbed.served: the first served edu
-IOMMU_BDF = "0000:00:14.0"  # and the vhost-user virtio-iommu
-EP = endpoint_id_of(BDF)
-PAGE = 0x1000
-BASE = 0x100000  # IOVAs below the edu's 28-bit DMA mask
 SERVED = pytest.mark.vfio(served_iommu=True, served_edu=1)
 PASSTHROUGH = pytest.mark.vfio(served_iommu=True, served_edu=1, kernel_args=("iommu.passthrough=1",))
 CYCLES = int(os.environ.get("HOSTRELAY_SERVED_CYCLES", "10000"))  # fewer for a quick look
 SAMPLE = 100  # a DMA round trip every SAMPLE cycles, and an unmapped-IOVA check every SAMPLE too
-# Linux 6.12 drivers/iommu/virtio-iommu.c viommu_fault_handler: dev_err_ratelimited(viommu->dev,
-# "%s fault from EP %u at %#llx [%s%s%s]\n", reason ("page" for MAPPING), endpoint, address, R/W/X).
-FAULT_RE = r"virtio_iommu virtio\d+: page fault from EP {ep} at {addr:#x} \[{rw}\]"
-
-
-def sysfs(path: str) -> Path:
-    return Path("/sys") / path
-
-
-def dmesg() -> str:
-    return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
-
-
-def served_log() -> str:
-    xfer = os.environ.get("HOSTRELAY_TESTBED_XFER", "")
-    try:
-        return (Path(xfer) / "served.log").read_text()[-3000:]
-    except OSError:
-        return "(no served.log)"
-
-
-def group_of(bdf: str) -> str:
-    return (sysfs(f"bus/pci/devices/{bdf}") / "iommu_group").resolve().name
 
 
 @pytest.fixture(scope="module")
 def bound() -> str:
     """The served edu on vfio-pci: its IOMMU group's number (the group appears once a driver binds)."""
-    from hostrelay.host.binding import bind_vfio
-    from hostrelay.host.udev import wait_for_vfio_node
-
-    if not sysfs(f"bus/pci/devices/{BDF}/driver").exists():
-        bind_vfio(BDF)
-    group = group_of(BDF)
-    wait_for_vfio_node(int(group))
-    return group
-
-
-class SysfsEdu:
-    """What hostrelay.drivers.edu.Edu needs of a device, through sysfs (BAR0 mmap, config file): no VFIO.
-
-    For DMA in the guest's own default domain (bound to vfio-pci but not
-    opened, the device stays in the domain the kernel gave its group).
-    """
-
-    name = "edu via sysfs"
-
-    def __init__(self, bdf: str) -> None:
-        self.root = sysfs(f"bus/pci/devices/{bdf}")
-        fd = os.open(self.root / "resource0", os.O_RDWR | os.O_SYNC)
-        try:
-            self.bar = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-
-    def read32(self, region: int, offset: int) -> int:
-        assert region == 0
-        return int.from_bytes(self.bar[offset:offset + 4], "little")
-
-    def read64(self, region: int, offset: int) -> int:
-        return self.read32(region, offset) | self.read32(region, offset + 4) << 32
-
-    def write64(self, region: int, offset: int, value: int) -> None:
-        assert region == 0
-        self.bar[offset:offset + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
-        self.bar[offset + 4:offset + 8] = (value >> 32).to_bytes(4, "little")
-
-    def enable_bus_master(self) -> None:
-        with open(self.root / "config", "r+b", buffering=0) as f:
-            f.seek(4)
-            cmd = int.from_bytes(f.read(2), "little")
-            f.seek(4)
-            f.write((cmd | 0x6).to_bytes(2, "little"))  # memory space + bus master
-
-
-def low_page(limit: int = 1 << 28) -> tuple[mmap.mmap, int, int]:
-    """A user page whose guest-physical address is below ``limit`` (the edu's DMA mask): (map, offset, GPA).
-
-    Anonymous memory is populated in chunks until /proc/self/pagemap (PFNs
-    need root) shows such a page; the chunks not used are unmapped.
-    """
-    from hostrelay.kernel import ioctl as _kernel
-
-    chunk = 32 << 20
-    with open("/proc/self/pagemap", "rb") as pm:
-        for _ in range(48):
-            m = mmap.mmap(-1, chunk, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-            base = _kernel.buffer_address(m)
-            pm.seek(base // PAGE * 8)
-            entries = pm.read(chunk // PAGE * 8)
-            for i in range(chunk // PAGE):
-                e = int.from_bytes(entries[i * 8:i * 8 + 8], "little")
-                if e >> 63 and (e & ((1 << 55) - 1)) * PAGE < limit:
-                    return m, i * PAGE, (e & ((1 << 55) - 1)) * PAGE
-            # keep it mapped: a new chunk must not get these pages back
-    raise AssertionError("no page below the edu's DMA mask in 1.5 GiB of anonymous memory")
+    return bind_edu(BDF)
 
 
 # --- the guest's view of the topology ------------------------------------------------------------
@@ -177,43 +79,9 @@ def test_probe_reserved_regions_are_the_relays_msi_window(bound: str) -> None:
 # --- scenario 1 ------------------------------------------------------------------------------------
 
 
-def _container(bound: str) -> Iterator[tuple[Any, Any, mmap.mmap]]:
-    from hostrelay.drivers.edu import Edu
-    from hostrelay.kernel.vfio import Container, Group
-
-    m = mmap.mmap(-1, 2 * PAGE)
-    with Container() as c:
-        group = Group.for_device(BDF)
-        c.attach(group)
-        yield c, Edu(group.device(BDF)), m
-
-
 @SERVED
 def test_scenario_1_map_dma_round_trip_unmap_and_the_blocked_dma_is_a_guest_fault(bound: str) -> None:
-    from hostrelay.kernel import ioctl as _kernel
-
-    before = len(dmesg())
-    for c, edu, m in _container(bound):
-        pattern = bytes((i * 7 + 3) & 0xFF for i in range(2048))
-        m[:2048] = pattern
-        c.map_dma(BASE, 2 * PAGE, _kernel.buffer_address(m))
-        edu.to_device(BASE, 2048)  # RAM -> device through the guest's mapping
-        edu.from_device(BASE + PAGE, 2048)  # device -> RAM
-        assert m[PAGE:PAGE + 2048] == pattern, "the round trip through the mapping did not bring the pattern back"
-        assert c.unmap_dma(BASE, 2 * PAGE) == 2 * PAGE
-        m[PAGE:PAGE + 2048] = bytes(2048)
-        edu.from_device(BASE + PAGE, 2048)  # the same DMA, now through an unmapped IOVA
-        assert m[PAGE:PAGE + 2048] == bytes(2048), "a device write landed after the guest unmapped"
-        m[:2048] = b"\xee" * 2048
-        edu.to_device(BASE, 64)  # and a read of it
-    log = ""
-    for _ in range(50):  # the event queue's interrupt and the printk come a little later
-        log = dmesg()[before:]
-        if re.search(FAULT_RE.format(ep=EP, addr=BASE, rw="R"), log):
-            break
-        time.sleep(0.1)
-    assert re.search(FAULT_RE.format(ep=EP, addr=BASE + PAGE, rw="W"), log), f"{log}\n--- served.log ---\n{served_log()}"
-    assert re.search(FAULT_RE.format(ep=EP, addr=BASE, rw="R"), log), log
+    scenario_1(BDF, EP)
 
 
 @SERVED
@@ -263,7 +131,7 @@ def test_ten_thousand_guest_map_unmap_cycles_and_no_dma_through_an_unmapped_iova
 
     round_trips = blocked = 0
     start = time.monotonic()
-    for c, edu, m in _container(bound):
+    for c, edu, m in container(BDF):
         va = _kernel.buffer_address(m)
         for i in range(CYCLES):
             iova = BASE + (i % 512) * 2 * PAGE  # 512 IOVA slots, each reused ~20 times
