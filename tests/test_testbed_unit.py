@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,19 @@ def _xfer(tmp_path: Path) -> Path:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "xfer").mkdir()
     return tmp_path / "run"
+
+
+def test_a_guest_that_does_not_power_off_after_its_command_is_killed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A stand-in for QEMU whose guest ran the command (started, output, rc
+    # written) and then hangs instead of powering off, as a wedged guest kernel does.
+    run_dir = _xfer(tmp_path)
+    xfer = run_dir / "xfer"
+    script = f"echo 1.5 > {xfer}/started; printf hi > {xfer}/output; echo 7 > {xfer}/rc; exec sleep 600"
+    monkeypatch.setattr(vm, "POWEROFF_GRACE", 1.0)
+    said: list[str] = []
+    t = time.monotonic()
+    result = vm._boot(["true"], vm.TestbedConfig(), ["sh", "-c", script], run_dir, "test kernel", "host", 60.0,
+                      None, said.append, None)  # fmt: skip
+    assert time.monotonic() - t < 30  # not the 60 s timeout, nor the 600 s sleep
+    assert result.returncode == 7 and result.output == "hi" and not result.timed_out
+    assert any("did not power off" in line for line in said)

@@ -45,6 +45,12 @@ QEMUS = ("host", "newer")
 SHARED_MEMORY_ID = "mem"
 # Files in the xfer share that belong to the runner itself.
 _XFER_OWN = frozenset({"cmd.sh", "output", "rc", "started"})
+# Seconds QEMU gets to exit once the guest wrote the command's exit status:
+# the init powers off right after (`poweroff -f`), so longer means the guest
+# kernel is wedged (an oops holding a lock: seen with Linux 6.12 when
+# virtio_iommu is unbound under a probed endpoint), and the result is in.
+POWEROFF_GRACE = 30.0
+
 # Exit status reported when the command did not finish in time (as timeout(1)).
 TIMEOUT_STATUS = 124
 # Environment carried from the host into the guest's command.
@@ -336,6 +342,7 @@ def _boot(cmd: Sequence[str], config: TestbedConfig, args: list[str], run_dir: P
     out_path = xfer / "output"
     pos = 0
     qmp_client: QmpClient | None = None
+    rc_seen: float | None = None
     while True:
         finished = proc.poll() is not None
         if not finished:
@@ -363,6 +370,15 @@ def _boot(cmd: Sequence[str], config: TestbedConfig, args: list[str], run_dir: P
             raise TestbedBootError(boot_seconds is not None, gone)
         if time.monotonic() - start > timeout:
             timed_out = True
+            proc.kill()
+            proc.wait()
+            continue  # one more read of the output
+        if rc_seen is None and (xfer / "rc").exists():
+            rc_seen = time.monotonic()
+        elif rc_seen is not None and time.monotonic() - rc_seen > POWEROFF_GRACE:
+            if log:
+                log(f"testbed: the guest wrote its exit status but did not power off in {POWEROFF_GRACE:.0f} s "
+                    "(a wedged guest kernel?): QEMU killed")  # fmt: skip
             proc.kill()
             proc.wait()
             continue  # one more read of the output
