@@ -154,6 +154,36 @@ int hr_relay_process_locked(hr_relay *r, struct hr_queue *q);
 void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t *reply,
                        uint64_t len);
 
+/* The request queue served from a thread of its own (hr_kick.c): it waits
+ * on kick_fd, serves what hr_relay_process serves in C under the relay's
+ * lock, writes call_fd unless the driver set VRING_AVAIL_F_NO_INTERRUPT,
+ * and for anything else gives the chain back, writes need_fd and parks
+ * until hr_kick_resume (Python serves the ring meanwhile).  The three fds
+ * stay the caller's and must outlive the thread (hr_kick_stop).
+ * spin_ns > 0: after a kick that completed something, look at the avail
+ * index that long with VRING_USED_F_NO_NOTIFY set before sleeping again.
+ * hr_kick_start reads the queue's ring pointers: call it with the lock held
+ * (the thread only takes it once started).  hr_kick_stop joins the thread:
+ * never with the lock held. */
+typedef struct hr_kick hr_kick;
+struct hr_kick_stats {
+	uint64_t kicks;     /* kick eventfd wake-ups */
+	uint64_t served;    /* chains completed by the thread */
+	uint64_t handovers; /* times Python was asked to serve */
+	uint64_t calls;     /* call eventfd writes */
+	uint64_t spin_hits; /* requests the spin caught without a kick */
+};
+hr_kick *hr_kick_start(hr_relay *r, struct hr_queue *q, int kick_fd, int call_fd, int need_fd,
+		       const int64_t *mem_gen, const int64_t *fast_gen, uint64_t spin_ns);
+void hr_kick_stop(hr_kick *k);
+void hr_kick_free(hr_kick *k);
+void hr_kick_resume(hr_kick *k);
+int hr_kick_failed(const hr_kick *k);
+/* The kernel failures the thread met and did not report yet (lock held):
+ * copied to out (HR_QUEUE_ERRS of room), and forgotten. */
+uint32_t hr_kick_take_errs(hr_kick *k, struct hr_result *out);
+void hr_kick_get_stats(const hr_kick *k, struct hr_kick_stats *out);
+
 int hr_relay_bench_map_unmap(hr_relay *r, uint32_t domain, uint64_t iova, uint64_t gpa, uint64_t size,
                              uint32_t count, uint32_t spread);
 int hr_relay_bench_ring(hr_relay *r, struct hr_queue *q, const uint16_t *heads, uint32_t n,

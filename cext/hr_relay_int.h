@@ -10,6 +10,7 @@
  *   hr_fanout.c  MAP/UNMAP carried out on the table and every container
  *   hr_frame.c   requests as bytes: decoding, handle_request's door
  *   hr_burst.c   the request virtqueue served in bursts
+ *   hr_kick.c    the request virtqueue served from its own thread
  *   hr_bench.c   the benchmarks' entry points
  *
  * Not a cffi header: build_native.py includes only the headers that have a

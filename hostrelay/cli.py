@@ -78,8 +78,15 @@ def _edu_spec(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Write every request served and its reply, each reset's table and the final table to this file "
                    "(JSON lines, see hostrelay.frontends.record) for replay.")
+@click.option("--kick-thread/--no-kick-thread", default=True, show_default=True, envvar="HOSTRELAY_KICK_THREAD",
+              help="Serve the request queue's MAP/UNMAP from a C thread woken by its kick eventfd (no Python per kick).")
+@click.option("--kick-spin", type=click.FloatRange(0, 10_000), default=0.0, show_default=True, metavar="US",
+              envvar="HOSTRELAY_KICK_SPIN",
+              help="With --kick-thread: look for the guest's next request this many microseconds after each one "
+                   "before sleeping (takes a core while it looks).")
 @click.option("-v", "--verbose", is_flag=True, help="Log each connection and reset.")
-def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, record_path: Path | None, verbose: bool) -> None:
+def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, record_path: Path | None,
+              kick_thread: bool, kick_spin: float, verbose: bool) -> None:  # fmt: skip
     """Serve the virtio-iommu device to a VMM over vhost-user until SIGTERM or SIGINT.
 
     One front end at a time; after a disconnect (the device is reset) the
@@ -134,7 +141,8 @@ def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, record
         click.echo(f"hostrelay serve: vhost-user on {server.path}", err=True)
 
     try:
-        serve(vhost_user, relay, frontends=factories, ready=ready, loop=loop)
+        serve(vhost_user, relay, frontends=factories, ready=ready, loop=loop, kick_thread=kick_thread,
+              kick_spin=kick_spin * 1e-6)  # fmt: skip
     except OSError as exc:
         click.echo(f"hostrelay serve: {exc}", err=True)
         sys.exit(1)

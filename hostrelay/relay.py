@@ -461,6 +461,7 @@ class Relay:
         has released the fd by then, so there is nothing left to retry and
         nothing to leak.
         """
+        self._queues.stop_thread()  # before the lock: the thread may be waiting for it
         with self._lock:
             for b in self._vfio.values():
                 try:
@@ -576,6 +577,7 @@ class Relay:
         and so are the queues: a driver sets them up again after a reset
         (virtio 1.2 §3.1.1), and a stopped queue (:attr:`needs_reset`) ends here.
         """
+        self._queues.stop_thread()  # before the lock: the thread may be waiting for it
         with self._lock:
             self._queues.clear()
             self._topology.detach_all()
@@ -621,7 +623,61 @@ class Relay:
         Raises :class:`ValueError` if the geometry is invalid or the rings are
         not inside guest RAM.
         """
+        if index == 0:
+            self._queues.stop_thread()  # it serves the old ring
         self._queues.set_queue(index, size=size, desc=desc, avail=avail, used=used, avail_index=avail_index)
+
+    def serve_queue_in_thread(self, index: int, kick_fd: int, call_fd: int, need_fd: int, *,
+                              spin: float = 0.0) -> bool:  # fmt: skip
+        """Serve the request queue from a C thread woken by ``kick_fd``; False if it cannot be.
+
+        The thread (cext/hr_kick.c) waits on the kick eventfd and completes
+        every MAP/UNMAP the C walker serves itself with no Python at all,
+        writing ``call_fd`` (-1: none) unless the driver set
+        VRING_AVAIL_F_NO_INTERRUPT.  At anything else (ATTACH, DETACH, PROBE,
+        a deferred domain, a kernel failure to report, a stopped queue, a full
+        recording buffer) it stops in ring order, writes the ``need_fd``
+        eventfd and waits: the caller then calls :meth:`queue_thread_handover`,
+        interrupts as after :meth:`process_queue`, and :meth:`resume_queue_thread`.
+        ``spin`` > 0: after a kick that completed something the thread looks
+        for the driver's next request for that many seconds, with
+        VRING_USED_F_NO_NOTIFY set, before it sleeps again (costs a core).
+
+        Only queue 0, set up, and only while the C walker may serve MAP
+        without a per-request RLIMIT_MEMLOCK refresh from Python (False
+        otherwise: serve kicks with :meth:`process_queue`).  The fds stay the
+        caller's and must stay open until :meth:`stop_queue_thread`; a reset,
+        :meth:`close` and a new ring 0 stop the thread too.  Raises
+        :class:`RuntimeError` if it runs already, :class:`OSError` if it
+        cannot start.
+        """
+        return self._queues.serve_in_thread(index, kick_fd, call_fd, need_fd, spin)
+
+    def queue_thread_handover(self, index: int = 0) -> int:
+        """The thread asked for Python (its ``need_fd``): report what it met, serve the queue.
+
+        Reports the kernel failures the thread's walk met, then
+        :meth:`process_queue`; returns how many buffers that completed.
+        """
+        return self._queues.thread_handover(index)
+
+    def resume_queue_thread(self, index: int = 0) -> bool:
+        """Let the thread serve kicks again after :meth:`queue_thread_handover`.
+
+        False if there is none, or it ended on its own (a failed poll, logged
+        by the caller): the caller then serves the kicks with :meth:`process_queue`
+        after :meth:`stop_queue_thread`.
+        """
+        return self._queues.resume_thread()
+
+    def stop_queue_thread(self, index: int = 0) -> None:
+        """Stop and join the queue's service thread, if any (never call it with the relay's lock held)."""
+        self._queues.stop_thread()
+
+    def queue_thread_stats(self, index: int = 0) -> dict[str, int] | None:
+        """The service thread's counters (kicks, served, handovers, calls, spin_hits), or None."""
+        k = self._queues.kick
+        return None if k is None else k.stats()
 
     # --- recording ---------------------------------------------------------------
 
@@ -664,6 +720,7 @@ class Relay:
             recording = self._queues.recording
             if recording is None:
                 return []
+            self._queues.collect_records()  # what a service thread's walk recorded
             taken = recording[:]
             recording.clear()
             return taken

@@ -11,6 +11,7 @@ event queue's buffers (§5.13.6.9).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,62 @@ class Queue:
         c.nrec = 0
 
 
+class KickThread:
+    """The request queue served from a C thread (``hr_kick``, cext/hr_kick.c).
+
+    The thread waits on the ring's kick eventfd and serves every plain
+    MAP/UNMAP in C with the relay's lock; anything else it leaves in the ring
+    and writes ``need_fd`` for Python to serve (:meth:`Queues.thread_handover`),
+    then waits for :meth:`resume`.  The fds stay the caller's.
+    """
+
+    __slots__ = ("k", "queue", "need_fd", "errs", "_cells")
+
+    def __init__(self, dp: DataPlane, queue: Queue, kick_fd: int, call_fd: int, need_fd: int, spin: float) -> None:
+        # Lock held (hr_kick_start reads the queue's ring pointers).
+        self.queue = queue  # its struct hr_queue lives as long as the thread uses it
+        self.need_fd = need_fd
+        self.errs = ffi.new("struct hr_result[]", lib.HR_QUEUE_ERRS)
+        # The two generation cells C compares before each walk (exported
+        # buffers: the arrays cannot move while these live).
+        self._cells = (ffi.from_buffer("int64_t[]", dp.memory.generation_cell),
+                       ffi.from_buffer("int64_t[]", dp.fast_cell))  # fmt: skip
+        k = lib.hr_kick_start(dp.c, queue.c, kick_fd, call_fd, need_fd, self._cells[0], self._cells[1],
+                              max(int(spin * 1e9), 0))  # fmt: skip
+        if k == ffi.NULL:
+            raise OSError(os.strerror(ffi.errno) if ffi.errno else "hr_kick_start failed")
+        self.k = k
+
+    def resume(self) -> None:
+        """Let the thread serve kicks again after a hand-over."""
+        lib.hr_kick_resume(self.k)
+
+    @property
+    def failed(self) -> bool:
+        """The thread ended on its own (a poll failed): Python must take the kicks back."""
+        return bool(lib.hr_kick_failed(self.k))
+
+    def take_errs(self) -> list[Any]:
+        """The kernel failures the thread met and did not report yet (lock held)."""
+        n = lib.hr_kick_take_errs(self.k, self.errs)
+        return [self.errs[i] for i in range(n)]
+
+    def stop(self) -> None:
+        """Stop and join the thread (never with the relay's lock held: the thread may wait for it)."""
+        lib.hr_kick_stop(self.k)
+
+    def free(self) -> None:
+        """Release the thread's C state (after :meth:`stop`)."""
+        lib.hr_kick_free(self.k)
+        self.k = ffi.NULL
+
+    def stats(self) -> dict[str, int]:
+        """The thread's counters (``struct hr_kick_stats``)."""
+        st = ffi.new("struct hr_kick_stats *")
+        lib.hr_kick_get_stats(self.k, st)
+        return {f: int(getattr(st, f)) for f in ("kicks", "served", "handovers", "calls", "spin_hits")}
+
+
 class Queues:
     """requestq (0) and eventq (1) of one device."""
 
@@ -122,6 +179,7 @@ class Queues:
         self.queues: dict[int, Queue] = {}
         self.requestq: Queue | None = None  # queues[0], for process_queue's fast path
         self.recording: list[RecordedRequest] | None = None  # see start_recording
+        self.kick: KickThread | None = None  # the requestq's service thread, if it has one
 
     def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int,
                   avail_index: int | None = None) -> None:  # fmt: skip
@@ -166,6 +224,71 @@ class Queues:
             q.take_records(self.recording if self.recording is not None else [])
             q.record(False)
         self.recording = None
+
+    def collect_records(self) -> None:
+        """Move what the C walker recorded to the recording (lock held).
+
+        Python's walk takes them itself before it returns; the service
+        thread's walk leaves them in the queue until then.
+        """
+        if self.recording is not None:
+            for q in self.queues.values():
+                q.take_records(self.recording)
+
+    # --- the request queue's service thread ----------------------------------------------
+
+    def serve_in_thread(self, index: int, kick_fd: int, call_fd: int, need_fd: int, spin: float) -> bool:
+        """See :meth:`hostrelay.relay.Relay.serve_queue_in_thread`."""
+        if index != 0:
+            raise ValueError("only the request queue (0) is served from a thread")
+        if self.kick is not None:
+            raise RuntimeError("queue 0 is served from a thread already")
+        dp = self.dp
+        with dp.lock:
+            q = self.requestq
+            if q is None:
+                raise ValueError("queue 0 is not set up")
+            dp.sync_memory()
+            if dp.fast_generation != dp.memory.generation:
+                # Every MAP needs a RLIMIT_MEMLOCK refresh from Python
+                # first (DataPlane.fast): the thread would hand every
+                # kick over.
+                return False
+            self.kick = KickThread(dp, q, kick_fd, call_fd, need_fd, spin)
+        return True
+
+    def stop_thread(self) -> None:
+        """Stop and join the service thread if there is one; report what it left (lock NOT held)."""
+        k = self.kick
+        if k is None:
+            return
+        self.kick = None
+        k.stop()
+        try:
+            with self.dp.lock:
+                for res in k.take_errs():
+                    self.report_failure(res)
+        finally:
+            k.free()
+
+    def thread_handover(self, index: int) -> int:
+        """See :meth:`hostrelay.relay.Relay.queue_thread_handover`."""
+        k = self.kick
+        if k is not None:
+            with self.dp.lock:
+                for res in k.take_errs():  # met before anything the walk below serves
+                    self.report_failure(res)
+        return self.process_queue(index)
+
+    def resume_thread(self) -> bool:
+        """Resume the service thread after a hand-over; False if it ended on its own."""
+        k = self.kick
+        if k is None:
+            return False
+        if k.failed:
+            return False
+        k.resume()
+        return True
 
     def position(self, index: int) -> QueuePosition:
         """See :meth:`hostrelay.relay.Relay.queue_position`."""

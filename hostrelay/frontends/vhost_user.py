@@ -113,6 +113,13 @@ _USED_F_NO_NOTIFY = 1  # the device: no need to notify (kick) me, I am looking
 #: (the poll takes the core QEMU's vCPU thread needs); worth trying only
 #: where the server has a core of its own.
 BUSY_POLL = 0.0
+#: Default for serving the request queue from a C thread woken by its kick
+#: eventfd (Relay.serve_queue_in_thread): on.  A plain MAP/UNMAP kick then
+#: costs no Python and no wake-up of the loop's thread.
+KICK_THREAD = True
+#: Default spin of that thread after a served kick, seconds: off (see
+#: BUSY_POLL for why spinning hurts on a host without a free core).
+KICK_SPIN = 0.0
 #: A busy poll gives the loop back after this long even while requests keep
 #: coming, so the other front ends on it (vfio-user endpoints, the socket) get served.
 BUSY_POLL_MAX = 2e-3
@@ -165,6 +172,7 @@ class _Ring:
     enabled: bool = False
     started: bool = False  # Relay.set_queue done, kick watched
     used_seen: int = 0  # used index at the last call signal
+    need: int | None = None  # served from a C thread: its "needs Python" eventfd (watched instead of kick)
     # While started: the ring's flags and indexes in guest RAM, read and
     # written in place (the mapping outlives the ring: Relay.replace_memory
     # is refused while a queue uses it).
@@ -197,9 +205,15 @@ class VhostUserDevice:
     device and forgets the front end's memory and fds, ready for the next.
     """
 
-    def __init__(self, relay: Relay, loop: Loop, *, busy_poll: float = BUSY_POLL) -> None:
+    def __init__(self, relay: Relay, loop: Loop, *, busy_poll: float = BUSY_POLL, kick_thread: bool = KICK_THREAD,
+                 kick_spin: float = KICK_SPIN) -> None:  # fmt: skip
         self.relay = relay
         self.loop = loop
+        # Serve the request queue from a C thread (Relay.serve_queue_in_thread)
+        # while it is started and enabled, with this spin; the Python busy
+        # poll below is then not used.
+        self.kick_thread = kick_thread
+        self.kick_spin = kick_spin
         # After serving a kick of the request queue, look at its avail index
         # for up to this many seconds before sleeping again (0: never, the
         # default: see BUSY_POLL).  A
@@ -465,10 +479,15 @@ class VhostUserDevice:
         # CALL and ERR may change at any time (QEMU 11.1 sets them at connect
         # and again when the rings start); no fd: the front end polls.
         attr = "call" if req == Request.SET_VRING_CALL else "err"
+        threaded = attr == "call" and ring.need is not None
+        if threaded:
+            self._disarm(ring)  # the thread writes the old call fd: stop it before that fd closes
         old = getattr(ring, attr)
         setattr(ring, attr, fd)
         if old is not None:
             os.close(old)
+        if threaded:
+            self._arm(index)
 
     def _start_ring(self, req: Request, index: int, ring: _Ring, kick: int) -> None:
         """The kick fd arrived: the ring is fully described, place it in the relay and watch the kick."""
@@ -498,6 +517,7 @@ class VhostUserDevice:
         # reset or rebind, the log shows the rings set up again.
         log.info("vhost-user: ring %d started: SET_VRING_NUM %d, SET_VRING_BASE %d, SET_VRING_ADDR desc %#x "
                  "avail %#x used %#x (guest-physical), SET_VRING_KICK", index, ring.num, ring.base, desc, avail, used)
+        self._arm(index)
 
     def _set_vring_enable(self, req: Request, p: VringState) -> None:
         ring = self._ring(req, p.index)
@@ -507,7 +527,10 @@ class VhostUserDevice:
             raise VhostUserError(req, f"ring {p.index}: enable {p.num}, not 0 or 1")
         was = ring.enabled
         ring.enabled = bool(p.num)
+        if not ring.enabled:
+            self._disarm(ring)  # a disabled ring is not served: its kicks come back to _on_kick
         if ring.enabled and not was and ring.started:
+            self._arm(p.index)
             # Buffers the driver made available while the ring was disabled.
             self._serve(p.index)
 
@@ -521,6 +544,8 @@ class VhostUserDevice:
         return ring.base
 
     def _stop_all(self, why: str) -> None:
+        for ring in self.rings:
+            self._disarm(ring)  # before the positions are read: the thread moves them
         for i, ring in enumerate(self.rings):
             if ring.started:
                 try:
@@ -543,7 +568,68 @@ class VhostUserDevice:
         for ring in self.rings:
             ring.num, ring.addr, ring.base = None, None, 0
 
+    def _arm(self, index: int) -> None:
+        """Serve ring ``index`` from a C thread if it can be (the request queue, started, enabled)."""
+        ring = self.rings[index]
+        if (index != 0 or not self.kick_thread or self.busy_poll > 0 or ring.need is not None or not ring.started
+                or not ring.enabled or ring.kick is None):  # fmt: skip
+            return
+        need = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ok = self.relay.serve_queue_in_thread(index, ring.kick, -1 if ring.call is None else ring.call, need,
+                                                  spin=self.kick_spin)  # fmt: skip
+        except (OSError, RuntimeError) as exc:
+            log.warning("vhost-user: ring %d: no service thread (%s); kicks are served by the loop", index, exc)
+            ok = False
+        except BaseException:
+            os.close(need)
+            raise
+        if not ok:
+            os.close(need)
+            return
+        ring.need = need
+        # The thread owns the kick eventfd now (two readers would split the
+        # kicks between them).
+        self.loop.remove_reader(ring.kick)
+        self.loop.add_reader(need, lambda: self._on_handover(index))
+
+    def _disarm(self, ring: _Ring) -> None:
+        """Stop ring's C thread, if any; the loop watches its kick again."""
+        need = ring.need
+        if need is None:
+            return
+        ring.need = None
+        self.loop.remove_reader(need)
+        try:
+            self.relay.stop_queue_thread(0)
+        finally:
+            os.close(need)
+            if ring.kick is not None and ring.started:
+                index = self.rings.index(ring)
+                self.loop.add_reader(ring.kick, lambda: self._on_kick(index))
+
+    def _on_handover(self, index: int) -> None:
+        """The ring's C thread stopped at something it does not serve: serve the ring here, then resume it."""
+        ring = self.rings[index]
+        if ring.need is None:
+            return
+        try:
+            try:
+                os.read(ring.need, 8)
+            except BlockingIOError:
+                return  # no hand-over pending: the thread is not waiting for a resume
+            self._serve(index, handover=True)
+            if not self.relay.resume_queue_thread(index):
+                log.error("vhost-user: ring %d: the service thread ended; kicks are served by the loop", index)
+                self._disarm(ring)
+                self._serve(index)  # kicks the thread took and did not serve
+        except Exception as exc:  # a bug must not stop the loop every front end shares
+            log.exception("vhost-user: internal error serving ring %d", index)
+            if self.on_error is not None:
+                self.on_error(exc)
+
     def _unwatch(self, ring: _Ring) -> None:
+        self._disarm(ring)
         if ring.kick is not None:
             self.loop.remove_reader(ring.kick)
             os.close(ring.kick)
@@ -571,11 +657,14 @@ class VhostUserDevice:
             if self.on_error is not None:
                 self.on_error(exc)
 
-    def _serve(self, index: int) -> int:
-        """Process queue ``index`` and interrupt for every ring whose used index moved."""
+    def _serve(self, index: int, *, handover: bool = False) -> int:
+        """Process queue ``index`` and interrupt for every ring whose used index moved.
+
+        ``handover``: the ring's C thread asked for it (Relay.queue_thread_handover).
+        """
         if not self.rings[index].started:
             return 0
-        done = self.relay.process_queue(index)
+        done = self.relay.queue_thread_handover(index) if handover else self.relay.process_queue(index)
         self.signal_used()
         ring = self.rings[index]
         assert ring.used_idx is not None and ring.avail_idx is not None
@@ -859,17 +948,19 @@ FrontEndFactory = Callable[[Loop, VhostUserDevice], FrontEnd]
 
 def serve(path: str | os.PathLike[str], relay: Relay, *, frontends: Iterable[FrontEndFactory] = (),
           handle_signals: bool = True, ready: Callable[[VhostUserServer], None] | None = None,
-          loop: Loop | None = None, busy_poll: float = BUSY_POLL) -> None:  # fmt: skip
+          loop: Loop | None = None, busy_poll: float = BUSY_POLL, kick_thread: bool = KICK_THREAD,
+          kick_spin: float = KICK_SPIN) -> None:  # fmt: skip
     """Serve ``relay`` as a vhost-user virtio-iommu on ``path`` until SIGTERM/SIGINT (or ``loop.stop()``).
 
     ``frontends`` are made on the same loop after the server listens; with
     ``handle_signals`` SIGTERM and SIGINT stop the loop (the vhost-user
     back-end conventions: end quickly and cleanly on SIGTERM) and the
     previous handlers come back afterwards.  ``ready`` is called with the
-    listening server.  ``busy_poll``: see :attr:`VhostUserDevice.busy_poll`.
+    listening server.  ``busy_poll``, ``kick_thread``, ``kick_spin``: see
+    :class:`VhostUserDevice`.
     """
     loop = loop if loop is not None else Loop()
-    device = VhostUserDevice(relay, loop, busy_poll=busy_poll)
+    device = VhostUserDevice(relay, loop, busy_poll=busy_poll, kick_thread=kick_thread, kick_spin=kick_spin)
     server = VhostUserServer(path, device, loop)
     extra: list[FrontEnd] = []
     old: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
