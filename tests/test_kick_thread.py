@@ -13,6 +13,7 @@ tests/test_served_iommu.py (``hostrelay serve`` has it on by default).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import pytest
 
 from hostrelay._native import ffi, lib
 from hostrelay.backends.memory import GuestMemory
+from hostrelay.drivers.virtqueue import DriverQueue
 from hostrelay.frontends.loop import Loop
 from hostrelay.frontends.vhost_user import VhostUserConnection, VhostUserDevice
 from hostrelay.frontends.vhost_user_wire import Request
@@ -414,3 +416,79 @@ def test_the_spin_serves_the_next_request_without_a_kick(relay: Relay, loop: Cou
     finally:
         conn.close()
         fe.close()
+
+
+# --- the Relay API on its own (no vhost-user) -------------------------------------------------
+
+
+def _direct() -> tuple[Relay, GuestMemory, DriverQueue, list[int]]:
+    mem = GuestMemory()
+    mem.add_region(0, 4 << 20)
+    relay = Relay(mem)
+    relay.add_endpoint(ENDPOINT)
+    rq = DriverQueue(mem, 0x100000, 64, data_size=1 << 16)
+    relay.set_queue(0, size=64, desc=rq.desc, avail=rq.avail, used=rq.used_ring)
+    fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]  # kick, call, need
+    return relay, mem, rq, fds
+
+
+def _serve(rq: DriverQueue, kick_fd: int, raw: bytes) -> int:
+    _, (o,) = rq.add([raw], [4], publish=True)
+    os.write(kick_fd, (1).to_bytes(8, "little"))
+    deadline = time.monotonic() + 2
+    while rq.consume() == 0:
+        assert time.monotonic() < deadline, "not served"
+        time.sleep(0.0005)
+    return o
+
+
+def _wait_fired(fd: int) -> None:
+    deadline = time.monotonic() + 2
+    while not fired(fd):
+        assert time.monotonic() < deadline, "the thread did not ask for Python"
+        time.sleep(0.0005)
+
+
+def test_relay_api_handover_resume_and_a_new_ring_stops_the_thread() -> None:
+    relay, mem, rq, (kick_fd, call_fd, need_fd) = _direct()
+    threads = tasks()
+    try:
+        assert relay.serve_queue_in_thread(0, kick_fd, call_fd, need_fd)
+        with pytest.raises(RuntimeError):
+            relay.serve_queue_in_thread(0, kick_fd, call_fd, need_fd)
+        assert tasks() == threads + 1
+        rq.add([AttachRequest(1, ENDPOINT).pack()], [4], publish=True)
+        os.write(kick_fd, (1).to_bytes(8, "little"))
+        _wait_fired(need_fd)
+        # Left in the ring, not served: Python's turn.
+        assert rq.consume() == 0 and relay.endpoint_domain(ENDPOINT) is None
+        assert relay.queue_position(0).next_avail == 0
+        assert relay.queue_thread_handover(0) == 1
+        assert relay.endpoint_domain(ENDPOINT) == 1 and rq.consume() == 1
+        assert relay.resume_queue_thread(0)
+        o = _serve(rq, kick_fd, MapRequest(1, 0x1000, 0x1FFF, 0x200000, 3).pack())
+        assert Status(mem.read(o, 1)[0]) == Status.OK and relay.mapping_count(1) == 1
+        assert not fired(need_fd) and fired(call_fd)
+        # A new ring 0: the thread serving the old one is stopped first.
+        relay.set_queue(0, size=64, desc=rq.desc, avail=rq.avail, used=rq.used_ring)
+        assert relay.queue_thread_stats() is None and tasks() == threads
+        assert not relay.resume_queue_thread(0)
+    finally:
+        relay.close()
+        mem.close()
+        for fd in (kick_fd, call_fd, need_fd):
+            os.close(fd)
+    assert tasks() == threads
+
+
+def test_a_relay_dropped_without_close_stops_its_thread() -> None:
+    relay, mem, _rq, fds = _direct()
+    threads = tasks()
+    assert relay.serve_queue_in_thread(0, *fds)
+    assert tasks() == threads + 1
+    del relay
+    gc.collect()
+    assert tasks() == threads, "the thread outlived its relay"
+    mem.close()
+    for fd in fds:
+        os.close(fd)

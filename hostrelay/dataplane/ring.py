@@ -129,7 +129,10 @@ class KickThread:
                               max(int(spin * 1e9), 0))  # fmt: skip
         if k == ffi.NULL:
             raise OSError(os.strerror(ffi.errno) if ffi.errno else "hr_kick_start failed")
-        self.k = k
+        # A relay dropped without close() or a reset must not leave a thread
+        # walking freed memory: the destructor stops it first, and keeps the
+        # relay handle and the queue alive until it has.
+        self.k = ffi.gc(k, lambda p, _keep=(dp, queue): lib.hr_kick_free(p))
 
     def resume(self) -> None:
         """Let the thread serve kicks again after a hand-over."""
@@ -151,8 +154,7 @@ class KickThread:
 
     def free(self) -> None:
         """Release the thread's C state (after :meth:`stop`)."""
-        lib.hr_kick_free(self.k)
-        self.k = ffi.NULL
+        ffi.release(self.k)  # the destructor above, now
 
     def stats(self) -> dict[str, int]:
         """The thread's counters (``struct hr_kick_stats``)."""

@@ -10,7 +10,12 @@ rings and their eventfds.  Three parts:
   are watched on the shared :class:`~hostrelay.frontends.loop.Loop`; a kick
   runs ``process_queue`` and, if buffers were used, writes the ring's call
   eventfd (no VIRTIO_RING_F_EVENT_IDX is offered, so every completion
-  interrupts).  :meth:`VhostUserDevice.deliver_events` is the door for other
+  interrupts, unless the driver set VRING_AVAIL_F_NO_INTERRUPT).  The
+  request queue's kicks are by default taken by a C thread instead
+  (:meth:`~hostrelay.relay.Relay.serve_queue_in_thread`, cext/hr_kick.c): a
+  plain MAP/UNMAP then costs no Python, and the loop hears of the queue only
+  when the thread hands it something else (its "needs Python" eventfd).
+  :meth:`VhostUserDevice.deliver_events` is the door for other
   front ends whose DMA faults must reach the event queue.
 - :class:`VhostUserConnection`, one front end's socket: framing, SCM_RIGHTS,
   replies; any :class:`~hostrelay.frontends.vhost_user_wire.VhostUserError`
@@ -592,6 +597,7 @@ class VhostUserDevice:
         # kicks between them).
         self.loop.remove_reader(ring.kick)
         self.loop.add_reader(need, lambda: self._on_handover(index))
+        log.info("vhost-user: ring %d served from a C thread (spin %.0f us)", index, self.kick_spin * 1e6)
 
     def _disarm(self, ring: _Ring) -> None:
         """Stop ring's C thread, if any; the loop watches its kick again."""
@@ -601,7 +607,10 @@ class VhostUserDevice:
         ring.need = None
         self.loop.remove_reader(need)
         try:
+            stats = self.relay.queue_thread_stats(0)
             self.relay.stop_queue_thread(0)
+            if stats is not None:
+                log.info("vhost-user: ring 0's C thread stopped: %s", ", ".join(f"{k} {v}" for k, v in stats.items()))
         finally:
             os.close(need)
             if ring.kick is not None and ring.started:
