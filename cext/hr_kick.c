@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +55,7 @@ struct hr_kick {
 	int running;  /* pthread_create succeeded and not yet joined */
 	int stopping; /* hr_kick_stop: leave the spin too */
 	int failed;   /* the thread ended on its own (poll failed): Python serves the kicks */
+	int rt_error; /* pthread_setschedparam's error for rt_priority, else 0 */
 	/* Kernel failures the thread's walk met, for Python to report (lock
 	 * held to read or write). */
 	uint32_t nerrs;
@@ -266,7 +268,7 @@ static void *kick_main(void *arg)
 }
 
 hr_kick *hr_kick_start(hr_relay *r, struct hr_queue *q, int kick_fd, int call_fd, int need_fd,
-		       const int64_t *mem_gen, const int64_t *fast_gen, uint64_t spin_ns)
+		       const int64_t *mem_gen, const int64_t *fast_gen, uint64_t spin_ns, int rt_priority)
 {
 	hr_kick *k = calloc(1, sizeof(*k));
 	sigset_t all, old;
@@ -296,6 +298,16 @@ hr_kick *hr_kick_start(hr_relay *r, struct hr_queue *q, int kick_fd, int call_fd
 	if (rc)
 		goto fail;
 	k->running = 1;
+	if (rt_priority > 0) {
+		/* SCHED_FIFO: a kick wakes the thread at once even on a host
+		 * whose cores are busy (CFS may let it wait for a time slice
+		 * of whatever runs there).  It blocks between kicks, so it
+		 * takes the core only for the request itself.  Needs
+		 * CAP_SYS_NICE or RLIMIT_RTPRIO; otherwise it stays a normal
+		 * thread and hr_kick_rt_error says why. */
+		struct sched_param sp = { .sched_priority = rt_priority };
+		k->rt_error = pthread_setschedparam(k->thread, SCHED_FIFO, &sp);
+	}
 	return k;
 fail:
 	if (k->stop_fd >= 0)
@@ -332,6 +344,11 @@ void hr_kick_free(hr_kick *k)
 void hr_kick_resume(hr_kick *k)
 {
 	signal_fd(k->resume_fd);
+}
+
+int hr_kick_rt_error(const hr_kick *k)
+{
+	return k->rt_error;
 }
 
 int hr_kick_failed(const hr_kick *k)

@@ -161,7 +161,9 @@ void hr_relay_complete(struct hr_vq *vq, const struct hr_chain *c, const uint8_t
  * until hr_kick_resume (Python serves the ring meanwhile).  The three fds
  * stay the caller's and must outlive the thread (hr_kick_stop).
  * spin_ns > 0: after a kick that completed something, look at the avail
- * index that long with VRING_USED_F_NO_NOTIFY set before sleeping again.
+ * index that long with VRING_USED_F_NO_NOTIFY set before sleeping again
+ * (never together with rt_priority: a real-time spin could starve the vCPU
+ * thread it waits for).
  * hr_kick_start reads the queue's ring pointers: call it with the lock held
  * (the thread only takes it once started).  hr_kick_stop joins the thread:
  * never with the lock held. */
@@ -174,7 +176,10 @@ struct hr_kick_stats {
 	uint64_t spin_hits; /* requests the spin caught without a kick */
 };
 hr_kick *hr_kick_start(hr_relay *r, struct hr_queue *q, int kick_fd, int call_fd, int need_fd,
-		       const int64_t *mem_gen, const int64_t *fast_gen, uint64_t spin_ns);
+		       const int64_t *mem_gen, const int64_t *fast_gen, uint64_t spin_ns, int rt_priority);
+/* rt_priority > 0: the thread runs SCHED_FIFO at that priority; the error
+ * if that was refused (EPERM without CAP_SYS_NICE), else 0. */
+int hr_kick_rt_error(const hr_kick *k);
 void hr_kick_stop(hr_kick *k);
 void hr_kick_free(hr_kick *k);
 void hr_kick_resume(hr_kick *k);

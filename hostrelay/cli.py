@@ -84,9 +84,13 @@ def _edu_spec(ctx: click.Context, param: click.Parameter, values: tuple[str, ...
               envvar="HOSTRELAY_KICK_SPIN",
               help="With --kick-thread: look for the guest's next request this many microseconds after each one "
                    "before sleeping (takes a core while it looks).")
+@click.option("--kick-priority", type=click.IntRange(0, 99), default=0, show_default=True, metavar="N",
+              envvar="HOSTRELAY_KICK_PRIORITY",
+              help="With --kick-thread: run it SCHED_FIFO at priority N (0: normally), so a kick wakes it at once on a "
+                   "busy host; needs CAP_SYS_NICE; not with --kick-spin.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each connection and reset.")
 def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, record_path: Path | None,
-              kick_thread: bool, kick_spin: float, verbose: bool) -> None:  # fmt: skip
+              kick_thread: bool, kick_spin: float, kick_priority: int, verbose: bool) -> None:  # fmt: skip
     """Serve the virtio-iommu device to a VMM over vhost-user until SIGTERM or SIGINT.
 
     One front end at a time; after a disconnect (the device is reset) the
@@ -142,7 +146,7 @@ def serve_cmd(vhost_user: str, edus: list[tuple[str, str]], bypass: bool, record
 
     try:
         serve(vhost_user, relay, frontends=factories, ready=ready, loop=loop, kick_thread=kick_thread,
-              kick_spin=kick_spin * 1e-6)  # fmt: skip
+              kick_spin=kick_spin * 1e-6, kick_priority=kick_priority)  # fmt: skip
     except OSError as exc:
         click.echo(f"hostrelay serve: {exc}", err=True)
         sys.exit(1)

@@ -628,7 +628,7 @@ class Relay:
         self._queues.set_queue(index, size=size, desc=desc, avail=avail, used=used, avail_index=avail_index)
 
     def serve_queue_in_thread(self, index: int, kick_fd: int, call_fd: int, need_fd: int, *,
-                              spin: float = 0.0) -> bool:  # fmt: skip
+                              spin: float = 0.0, rt_priority: int = 0) -> bool:  # fmt: skip
         """Serve the request queue from a C thread woken by ``kick_fd``; False if it cannot be.
 
         The thread (cext/hr_kick.c) waits on the kick eventfd and completes
@@ -642,6 +642,9 @@ class Relay:
         ``spin`` > 0: after a kick that completed something the thread looks
         for the driver's next request for that many seconds, with
         VRING_USED_F_NO_NOTIFY set, before it sleeps again (costs a core).
+        ``rt_priority`` > 0: the thread runs SCHED_FIFO at that priority, so
+        a kick wakes it at once on a busy host (needs CAP_SYS_NICE; refused,
+        it runs normally and a warning is logged); not with ``spin``.
 
         Only queue 0, set up, and only while the C walker may serve MAP
         without a per-request RLIMIT_MEMLOCK refresh from Python (False
@@ -651,7 +654,9 @@ class Relay:
         :class:`RuntimeError` if it runs already, :class:`OSError` if it
         cannot start.
         """
-        return self._queues.serve_in_thread(index, kick_fd, call_fd, need_fd, spin)
+        if spin > 0 and rt_priority > 0:
+            raise ValueError("a real-time thread must not spin: it could starve the vCPU it waits for")
+        return self._queues.serve_in_thread(index, kick_fd, call_fd, need_fd, spin, rt_priority)
 
     def queue_thread_handover(self, index: int = 0) -> int:
         """The thread asked for Python (its ``need_fd``): report what it met, serve the queue.

@@ -13,6 +13,7 @@ tests/test_served_iommu.py (``hostrelay serve`` has it on by default).
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -492,3 +493,34 @@ def test_a_relay_dropped_without_close_stops_its_thread() -> None:
     mem.close()
     for fd in fds:
         os.close(fd)
+
+
+def test_a_real_time_thread_is_asked_for_and_never_spins() -> None:
+    relay, mem, rq, (kick_fd, call_fd, need_fd) = _direct()
+    try:
+        with pytest.raises(ValueError):
+            relay.serve_queue_in_thread(0, kick_fd, call_fd, need_fd, spin=1e-5, rt_priority=1)
+        assert relay.serve_queue_in_thread(0, kick_fd, call_fd, need_fd, rt_priority=1)
+        k = relay._queues.kick
+        assert k is not None
+        policy = None
+        if k.rt_error == 0:  # allowed here (root, or RLIMIT_RTPRIO): the thread is SCHED_FIFO
+            for tid in os.listdir("/proc/self/task"):
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+                if int(fields[38]) == os.SCHED_FIFO:  # field 41, policy (proc(5))
+                    policy = os.SCHED_FIFO
+            assert policy == os.SCHED_FIFO
+        else:
+            assert k.rt_error == errno.EPERM
+        rq.add([AttachRequest(1, ENDPOINT).pack()], [4], publish=True)
+        os.write(kick_fd, (1).to_bytes(8, "little"))
+        _wait_fired(need_fd)
+        relay.queue_thread_handover(0)
+        assert relay.resume_queue_thread(0)
+        o = _serve(rq, kick_fd, MapRequest(1, 0x1000, 0x1FFF, 0x200000, 3).pack())
+        assert Status(mem.read(o, 1)[0]) == Status.OK
+    finally:
+        relay.close()
+        mem.close()
+        for fd in (kick_fd, call_fd, need_fd):
+            os.close(fd)

@@ -116,7 +116,8 @@ class KickThread:
 
     __slots__ = ("k", "queue", "need_fd", "errs", "_cells")
 
-    def __init__(self, dp: DataPlane, queue: Queue, kick_fd: int, call_fd: int, need_fd: int, spin: float) -> None:
+    def __init__(self, dp: DataPlane, queue: Queue, kick_fd: int, call_fd: int, need_fd: int, spin: float,
+                 rt_priority: int = 0) -> None:  # fmt: skip
         # Lock held (hr_kick_start reads the queue's ring pointers).
         self.queue = queue  # its struct hr_queue lives as long as the thread uses it
         self.need_fd = need_fd
@@ -126,13 +127,18 @@ class KickThread:
         self._cells = (ffi.from_buffer("int64_t[]", dp.memory.generation_cell),
                        ffi.from_buffer("int64_t[]", dp.fast_cell))  # fmt: skip
         k = lib.hr_kick_start(dp.c, queue.c, kick_fd, call_fd, need_fd, self._cells[0], self._cells[1],
-                              max(int(spin * 1e9), 0))  # fmt: skip
+                              max(int(spin * 1e9), 0), rt_priority)  # fmt: skip
         if k == ffi.NULL:
             raise OSError(os.strerror(ffi.errno) if ffi.errno else "hr_kick_start failed")
         # A relay dropped without close() or a reset must not leave a thread
         # walking freed memory: the destructor stops it first, and keeps the
         # relay handle and the queue alive until it has.
         self.k = ffi.gc(k, lambda p, _keep=(dp, queue): lib.hr_kick_free(p))
+
+    @property
+    def rt_error(self) -> int:
+        """Why the real-time priority asked for was refused (an errno), else 0."""
+        return int(lib.hr_kick_rt_error(self.k))
 
     def resume(self) -> None:
         """Let the thread serve kicks again after a hand-over."""
@@ -239,7 +245,8 @@ class Queues:
 
     # --- the request queue's service thread ----------------------------------------------
 
-    def serve_in_thread(self, index: int, kick_fd: int, call_fd: int, need_fd: int, spin: float) -> bool:
+    def serve_in_thread(self, index: int, kick_fd: int, call_fd: int, need_fd: int, spin: float,
+                        rt_priority: int = 0) -> bool:  # fmt: skip
         """See :meth:`hostrelay.relay.Relay.serve_queue_in_thread`."""
         if index != 0:
             raise ValueError("only the request queue (0) is served from a thread")
@@ -256,7 +263,10 @@ class Queues:
                 # first (DataPlane.fast): the thread would hand every
                 # kick over.
                 return False
-            self.kick = KickThread(dp, q, kick_fd, call_fd, need_fd, spin)
+            self.kick = KickThread(dp, q, kick_fd, call_fd, need_fd, spin, rt_priority)
+        if self.kick.rt_error:
+            log.warning("queue 0's service thread: SCHED_FIFO %d refused (%s); it runs at normal priority",
+                        rt_priority, os.strerror(self.kick.rt_error))  # fmt: skip
         return True
 
     def stop_thread(self) -> None:

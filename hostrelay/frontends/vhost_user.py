@@ -125,6 +125,8 @@ KICK_THREAD = True
 #: Default spin of that thread after a served kick, seconds: off (see
 #: BUSY_POLL for why spinning hurts on a host without a free core).
 KICK_SPIN = 0.0
+#: Default real-time priority of that thread (SCHED_FIFO; 0: a normal thread).
+KICK_PRIORITY = 0
 #: A busy poll gives the loop back after this long even while requests keep
 #: coming, so the other front ends on it (vfio-user endpoints, the socket) get served.
 BUSY_POLL_MAX = 2e-3
@@ -211,7 +213,7 @@ class VhostUserDevice:
     """
 
     def __init__(self, relay: Relay, loop: Loop, *, busy_poll: float = BUSY_POLL, kick_thread: bool = KICK_THREAD,
-                 kick_spin: float = KICK_SPIN) -> None:  # fmt: skip
+                 kick_spin: float = KICK_SPIN, kick_priority: int = KICK_PRIORITY) -> None:  # fmt: skip
         self.relay = relay
         self.loop = loop
         # Serve the request queue from a C thread (Relay.serve_queue_in_thread)
@@ -219,6 +221,7 @@ class VhostUserDevice:
         # poll below is then not used.
         self.kick_thread = kick_thread
         self.kick_spin = kick_spin
+        self.kick_priority = kick_priority  # SCHED_FIFO priority of that thread (0: normal)
         # After serving a kick of the request queue, look at its avail index
         # for up to this many seconds before sleeping again (0: never, the
         # default: see BUSY_POLL).  A
@@ -582,8 +585,8 @@ class VhostUserDevice:
         need = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             ok = self.relay.serve_queue_in_thread(index, ring.kick, -1 if ring.call is None else ring.call, need,
-                                                  spin=self.kick_spin)  # fmt: skip
-        except (OSError, RuntimeError) as exc:
+                                                  spin=self.kick_spin, rt_priority=self.kick_priority)  # fmt: skip
+        except (OSError, RuntimeError, ValueError) as exc:
             log.warning("vhost-user: ring %d: no service thread (%s); kicks are served by the loop", index, exc)
             ok = False
         except BaseException:
@@ -597,7 +600,8 @@ class VhostUserDevice:
         # kicks between them).
         self.loop.remove_reader(ring.kick)
         self.loop.add_reader(need, lambda: self._on_handover(index))
-        log.info("vhost-user: ring %d served from a C thread (spin %.0f us)", index, self.kick_spin * 1e6)
+        log.info("vhost-user: ring %d served from a C thread (spin %.0f us, SCHED_FIFO %d)", index, self.kick_spin * 1e6,
+                 self.kick_priority)  # fmt: skip
 
     def _disarm(self, ring: _Ring) -> None:
         """Stop ring's C thread, if any; the loop watches its kick again."""
@@ -958,18 +962,19 @@ FrontEndFactory = Callable[[Loop, VhostUserDevice], FrontEnd]
 def serve(path: str | os.PathLike[str], relay: Relay, *, frontends: Iterable[FrontEndFactory] = (),
           handle_signals: bool = True, ready: Callable[[VhostUserServer], None] | None = None,
           loop: Loop | None = None, busy_poll: float = BUSY_POLL, kick_thread: bool = KICK_THREAD,
-          kick_spin: float = KICK_SPIN) -> None:  # fmt: skip
+          kick_spin: float = KICK_SPIN, kick_priority: int = KICK_PRIORITY) -> None:  # fmt: skip
     """Serve ``relay`` as a vhost-user virtio-iommu on ``path`` until SIGTERM/SIGINT (or ``loop.stop()``).
 
     ``frontends`` are made on the same loop after the server listens; with
     ``handle_signals`` SIGTERM and SIGINT stop the loop (the vhost-user
     back-end conventions: end quickly and cleanly on SIGTERM) and the
     previous handlers come back afterwards.  ``ready`` is called with the
-    listening server.  ``busy_poll``, ``kick_thread``, ``kick_spin``: see
+    listening server.  ``busy_poll``, ``kick_thread``, ``kick_spin``, ``kick_priority``: see
     :class:`VhostUserDevice`.
     """
     loop = loop if loop is not None else Loop()
-    device = VhostUserDevice(relay, loop, busy_poll=busy_poll, kick_thread=kick_thread, kick_spin=kick_spin)
+    device = VhostUserDevice(relay, loop, busy_poll=busy_poll, kick_thread=kick_thread, kick_spin=kick_spin,
+                             kick_priority=kick_priority)  # fmt: skip
     server = VhostUserServer(path, device, loop)
     extra: list[FrontEnd] = []
     old: dict[signal.Signals, Callable[[int, FrameType | None], object] | int | None] = {}
