@@ -199,12 +199,14 @@ def testbed() -> None:
                    "--qemu newer and the virtio flavour's kernel; no QEMU IOMMU and no QEMU edu.")
 @click.option("--served-edu", type=click.IntRange(1, 8), default=1, show_default=True,
               help="With --served-iommu: edu endpoints served behind it (guest 00:15.0, 00:16.0, ...).")
+@click.option("--served-record/--no-served-record", default=True, show_default=True,
+              help="With --served-iommu: record every request and reply (returned with the run's files).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def testbed_run(ctx: click.Context, iommu: str, edu: int, nvme: int, bridged_edu: int, hotplug_ports: int, kernel_args: tuple[str, ...], timeout: float, kernel: Path | None,
                 modules: Path | None, memory_mb: int, iommufd: bool, icount: bool, qemu: str, served_iommu: bool,
-                served_edu: int, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
+                served_edu: int, served_record: bool, quiet: bool, cmd: tuple[str, ...]) -> None:  # fmt: skip
     """Boot the testbed, run CMD as root in it, power off; exit with CMD's status.
 
     The guest sees the host's root filesystem read-only with a writable
@@ -237,7 +239,8 @@ def testbed_run(ctx: click.Context, iommu: str, edu: int, nvme: int, bridged_edu
     config = TestbedConfig(iommu=iommu, edu=edu, nvme=nvme, bridged_edu=bridged_edu, hotplug_ports=hotplug_ports,
                            kernel_args=kernel_args, kernel=kernel,
                            modules=modules, memory_mb=memory_mb, icount=icount, iommufd=iommufd, qemu=qemu,
-                           served_iommu=served_iommu, served_edu=served_edu, shared_memory=served_iommu)  # fmt: skip
+                           served_iommu=served_iommu, served_edu=served_edu, served_record=served_record,
+                           shared_memory=served_iommu)  # fmt: skip
     try:
         result = run(cmd, config, timeout=timeout, on_output=out, log=log)
     except TestbedSetupError as exc:

@@ -106,6 +106,9 @@ class TestbedConfig:
     # shared_memory and edu=0 (QEMU's own edus would DMA around our IOMMU).
     served_iommu: bool = False
     served_edu: int = 1
+    # served_iommu: ``serve --record`` (every request and reply, for replay);
+    # off for a benchmark, where writing it costs the host CPU the VM needs.
+    served_record: bool = True
 
     def __post_init__(self) -> None:
         if self.iommu not in IOMMUS:
@@ -308,7 +311,7 @@ def run(
         if config.served_iommu:
             from hostrelay.testbed.served import ServedIommu
 
-            served = ServedIommu(run_dir, xfer, config.served_edu)
+            served = ServedIommu(run_dir, xfer, config.served_edu, record=config.served_record)
             served_args = served.start()
             if log:
                 log(f"testbed: hostrelay serve (pid {served.proc.pid if served.proc else '?'}) serves the virtio-iommu "
