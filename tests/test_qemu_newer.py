@@ -221,6 +221,7 @@ def provisioned(pytestconfig: pytest.Config) -> NewerQemu:
         pytest.skip(f"the newer QEMU cannot be provisioned here: {exc}")
 
 
+@pytest.mark.host_boot
 def test_provisioned_qemu_is_newer_and_has_the_front_ends_devices(provisioned: NewerQemu) -> None:
     assert qemu_newer.query_version(provisioned.command()) == provisioned.version
     assert provisioned.major >= 11 and provisioned.package_version.startswith(f"1:{provisioned.version}")

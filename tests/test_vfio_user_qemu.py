@@ -33,7 +33,10 @@ from hostrelay import GuestMemory, Relay
 from hostrelay.frontends.loop import Loop
 from hostrelay.frontends.vfio_user import EduServer, endpoint_id_of
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("HOSTRELAY_TESTBED")), reason="boots the testbed from the host")
+pytestmark = [
+    pytest.mark.skipif(bool(os.environ.get("HOSTRELAY_TESTBED")), reason="boots the testbed from the host"),
+    pytest.mark.host_boot,
+]
 
 BDF = "00:05.0"  # where -device vfio-user-pci,addr=0x5 puts it in the guest
 

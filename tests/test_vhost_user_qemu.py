@@ -25,9 +25,10 @@ from hostrelay.frontends.loop import Loop
 from hostrelay.frontends.vhost_user import VhostUserServer, serve
 from hostrelay.relay import Relay
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("HOSTRELAY_TESTBED")), reason="boots the testbed; not nested inside it"
-)
+pytestmark = [
+    pytest.mark.skipif(bool(os.environ.get("HOSTRELAY_TESTBED")), reason="boots the testbed; not nested inside it"),
+    pytest.mark.host_boot,
+]
 
 INPUT_BITS = 40
 PAGE_MASK = 0x40201000  # 4K, 2M and 1G: no host IOMMU constrains an emulated-only relay
