@@ -228,8 +228,8 @@ class Queues:
 
     def stop_recording(self) -> None:
         """Stop recording (lock held); what was recorded stays in the list."""
+        self.collect_records()  # the walker's last records
         for q in self.queues.values():
-            q.take_records(self.recording if self.recording is not None else [])
             q.record(False)
         self.recording = None
 
