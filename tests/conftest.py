@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,13 @@ def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
         use_ring(monkeypatch)
     return str(request.param)
+
+
+@pytest.fixture
+def loop() -> Iterator[Any]:
+    """A front-end event loop (hostrelay.frontends.loop.Loop), closed afterwards."""
+    from hostrelay.frontends.loop import Loop
+
+    lp = Loop()
+    yield lp
+    lp.close()

@@ -156,13 +156,6 @@ def memory() -> Iterator[GuestMemory]:
 
 
 @pytest.fixture
-def loop() -> Iterator[Loop]:
-    lp = Loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def relay(memory: GuestMemory) -> Relay:
     r = Relay(memory, bypass=False)
     r.add_endpoint(EP)

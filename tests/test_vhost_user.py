@@ -183,13 +183,6 @@ def relay() -> Iterator[Relay]:
 
 
 @pytest.fixture
-def loop() -> Iterator[Loop]:
-    lp = Loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
 def pair(relay: Relay, loop: Loop) -> Iterator[tuple[FrontEnd, VhostUserConnection]]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     device = VhostUserDevice(relay, loop)
