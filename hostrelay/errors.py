@@ -3,7 +3,8 @@
 Kernel failures are typed ``OSError`` subclasses carrying errno, operation,
 node/fd and IOVA range (:mod:`hostrelay.kernel.errors`); a refused request
 inside the device model is a :class:`RelayError` (its status from the one
-table in :mod:`hostrelay.model.status`).
+table in :mod:`hostrelay.model.status`); a saved state a relay cannot take
+is a :class:`StateError`.
 """
 
 from hostrelay.kernel import errors as _kernel_errors
@@ -20,6 +21,7 @@ from hostrelay.model.status import (
     UnmapMismatch,
     Unsupported,
 )
+from hostrelay.model.state import StateError
 
 __all__ = [
     "BadAddress",
@@ -29,6 +31,7 @@ __all__ = [
     "NoResources",
     "OutOfRange",
     "RelayError",
+    "StateError",
     "TranslationFault",
     "UnmapMismatch",
     "Unsupported",

@@ -36,6 +36,7 @@ from hostrelay.backends.type1 import VfioBackend
 from hostrelay.dataplane.handle import DataPlane
 from hostrelay.dataplane.requests import Requests
 from hostrelay.dataplane.ring import QueuePosition, Queues, RecordedRequest
+from hostrelay.dataplane.snapshot import StateKeeper
 from hostrelay.dataplane.table import MappingTable
 from hostrelay.kernel.errors import VfioError
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Device, group_of
@@ -45,6 +46,7 @@ from hostrelay.model.events import DEFAULT_EVENT_LIMIT, FaultLog
 from hostrelay.model.mapping import Mapping
 from hostrelay.model.ports import Backend
 from hostrelay.model.reality import DEFAULT_MSI_WINDOW, MAX_GUEST_GRANULE, HostIommu, HostReality
+from hostrelay.model.state import DeviceState, StateError
 from hostrelay.model.status import (
     DeviceFailure,
     InvalidRequest,
@@ -79,6 +81,7 @@ __all__ = [
     "RecordedRequest",
     "Relay",
     "RelayError",
+    "StateError",
     "TranslationFault",
     "Unsupported",
 ]
@@ -204,6 +207,10 @@ class Relay:
         self._vfio: dict[int, VfioBackend] = {}
         self._iommufd: dict[int, IommufdGroup] = {}
         self._vfio_devices: dict[int, Device] = {}
+        self._vfio_bdfs: dict[int, str] = {}
+        self._state = StateKeeper(self._dp, self._config, self._topology, self._queues, self._events,
+                                  self._requests, self._vfio_bdfs,
+                                  lambda: [*self._vfio.values(), *self._iommufd.values()])  # fmt: skip
         self._dp.configure(self._config, max_mappings)
         # The two hot doors become the parts' own bound methods, so a request
         # or a kick pays no second Python frame (measured under --icount: the
@@ -389,6 +396,7 @@ class Relay:
             raise
         self._vfio[group_id] = backend
         self._vfio_devices[endpoint_id] = device
+        self._vfio_bdfs[endpoint_id] = bdf
         self._topology.add(Endpoint(endpoint_id, regions, backend))
         self._config.set_host(mask, input_range)
         return device
@@ -424,6 +432,7 @@ class Relay:
             raise
         self._iommufd[group_id] = group
         self._vfio_devices[endpoint_id] = device
+        self._vfio_bdfs[endpoint_id] = bdf
         self._topology.add(Endpoint(endpoint_id, regions, group))
         self._config.set_host(mask, input_range)
         return device
@@ -475,6 +484,7 @@ class Relay:
             self._vfio.clear()
             self._iommufd.clear()
             self._vfio_devices.clear()
+            self._vfio_bdfs.clear()
 
     def replace_memory(self, regions: Iterable[tuple[int, int, int, int]]) -> None:
         """Make guest RAM exactly ``regions``: ``(gpa, size, fd, offset)`` each, mapped shared.
@@ -593,6 +603,41 @@ class Relay:
                 # Every endpoint is unattached now: the VFIO ones follow the
                 # restored value as they would a driver's config write.
                 self._topology.bypass_changed([*self._vfio.values(), *self._iommufd.values()])
+
+    # --- state save and restore -------------------------------------------------------
+
+    def save_state(self) -> bytes:
+        """The device's state as a versioned, checksummed blob (``docs/state.md``).
+
+        Config ``bypass`` and the acknowledged features, every endpoint (its
+        kind, and for VFIO its PCI address), every domain with its endpoints
+        and mappings, both queues' geometry and indices (the next avail index
+        the device takes and the used index it publishes next: vhost's
+        ``GET_VRING_BASE``) and the pending fault records.  Take it with the
+        guest stopped (the vCPUs paused, so no kick arrives): a request the
+        driver made available but the device has not taken is the guest's,
+        in guest memory, and the restored ring takes it next.  Guest memory
+        itself is the VMM's to save.
+        """
+        return self._state.save()
+
+    def restore_state(self, data: bytes | bytearray | memoryview) -> DeviceState:
+        """Make this new relay the device ``data`` was saved from; returns the decoded state.
+
+        The relay must have the same endpoints (IDs; emulated or VFIO, and
+        the same PCI function; the VFIO backend may differ) and nothing else
+        yet: no domain, queue, acknowledged feature or request.  Every
+        endpoint is attached and every mapping re-made through the same code
+        its ATTACH and MAP took, so each VFIO device reaches exactly its
+        domain's mappings (or guest RAM, in bypass) before this returns and
+        the first request is served.  The queues resume at the saved
+        indices.  Raises :class:`StateError`, naming what does not fit, for a
+        blob of an unknown version, a truncated or corrupted one, different
+        endpoints or config, a mapping outside guest memory or overlapping
+        another, or a relay that already has state; the relay is then as it
+        was and the kernel holds nothing of the state.
+        """
+        return self._state.restore(data)
 
     # --- the two doors: one request, and the virtqueues ------------------------------------
 

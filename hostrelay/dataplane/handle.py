@@ -87,6 +87,7 @@ class DataPlane:
         self.result = ffi.new("struct hr_result *")
         self.tail = ffi.new("uint8_t[4]")
         self.budget: MemlockBudget | None = None
+        self.max_mappings: int | None = None  # as configure() last gave it
         self.mem_generation = -1
         self.fast = True  # False while every MAP needs a RLIMIT_MEMLOCK refresh first
         # The memory generation the fast path may run at (-1: never): one
@@ -103,6 +104,7 @@ class DataPlane:
 
     def configure(self, config: ConfigSpace, max_mappings: int | None) -> None:
         """Push the config MAP checks depend on into C."""
+        self.max_mappings = max_mappings
         lib.hr_relay_configure(self.c, config.granule, config.input_start, config.input_end,
                                config.domain_start, config.domain_end, int(config.map_flags_mask),
                                max_mappings or 0, MAX_WRITABLE)  # fmt: skip

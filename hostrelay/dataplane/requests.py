@@ -24,7 +24,7 @@ from hostrelay.model.mapping import Mapping
 from hostrelay.model.ports import HostAddressSpace
 from hostrelay.model.status import UnmapMismatch
 from hostrelay.model.topology import Domain, Topology
-from hostrelay.model.wire import HEAD_SIZE, MapRequest, ReqType, Status, UnmapRequest, pack_tail
+from hostrelay.model.wire import HEAD_SIZE, TAIL_SIZE, MapRequest, ReqType, Status, UnmapRequest, pack_tail
 
 log = logging.getLogger("hostrelay.relay")
 
@@ -138,6 +138,27 @@ class Requests:
         elif res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
             self.report_failure(res)
         return reply(status, n)
+
+    def restore_map(self, domain: int, m: Mapping) -> tuple[int, str | None]:
+        """Re-make a saved mapping exactly as its MAP made it: ``(status, why)`` (lock held).
+
+        The caller ran :meth:`DataPlane.prepare` once for the whole restore.
+        A kernel refusal is not reported as a fault event (the restore is
+        undone, there is no guest to tell): ``why`` says what it was.
+        """
+        dp = self.dp
+        readable = MapRequest(domain, m.start, m.end, m.phys, m.flags).pack()
+        res = dp.result
+        if lib.hr_relay_request(dp.c, readable, len(readable), TAIL_SIZE, dp.tail, res) <= 0:
+            return int(Status.DEVERR), "the MAP could not be framed"
+        status = int(res.status)
+        if status == lib.HR_S_DEFER:
+            return self._deferred(readable), None
+        if res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
+            dom = self.topology.domains.get(domain)
+            native = [b for b in dom.targets if is_native(b)] if dom is not None else []
+            return status, str(dp.failure(res, native)[1])
+        return status, None
 
     def _deferred(self, readable: bytes) -> int:
         """A valid MAP/UNMAP (C checked it) for a domain with custom backends."""

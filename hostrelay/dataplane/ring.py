@@ -76,13 +76,14 @@ _RECORDS = 256
 class Queue:
     """A split virtqueue the C walker serves (``struct hr_queue``, cext/hr_relay.h)."""
 
-    __slots__ = ("c", "vq", "chain", "buf", "rec")
+    __slots__ = ("c", "vq", "chain", "buf", "geometry", "rec")
 
     def __init__(self) -> None:
         self.c = ffi.new("struct hr_queue *")
         self.vq = ffi.addressof(self.c, "vq")
         self.chain = ffi.addressof(self.c, "chain")
         self.buf = ffi.new("uint8_t[]", MAX_READABLE + 1)  # serve_pending reads no more
+        self.geometry: tuple[int, int, int, int] = (0, 0, 0, 0)  # size, desc, avail, used (GPAs) as set up: what a saved state keeps
         self.rec: Any = None
 
     def record(self, on: bool) -> None:
@@ -192,33 +193,40 @@ class Queues:
     def set_queue(self, index: int, *, size: int, desc: int, avail: int, used: int,
                   avail_index: int | None = None) -> None:  # fmt: skip
         """See :meth:`hostrelay.relay.Relay.set_queue`."""
+        with self.dp.lock:
+            self.setup_locked(index, size=size, desc=desc, avail=avail, used=used, avail_index=avail_index)
+
+    def setup_locked(self, index: int, *, size: int, desc: int, avail: int, used: int,
+                     avail_index: int | None = None) -> Any:  # fmt: skip
+        """:meth:`set_queue` with the relay's lock held; returns the queue's ``struct hr_vq``."""
         if index not in (0, 1):
             raise ValueError("virtio-iommu has two queues: 0 (requestq) and 1 (eventq)")
         if avail_index is not None and not 0 <= avail_index <= 0xFFFF:
             raise ValueError(f"queue {index}: avail index {avail_index} is not a u16")
         dp = self.dp
-        with dp.lock:
-            dp.sync_memory()
-            q = Queue()
-            rc = lib.hr_vq_setup(q.vq, lib.hr_relay_memory(dp.c), size, desc, avail, used)
-            if rc < 0:
-                raise ValueError(f"queue {index}: invalid geometry or rings outside guest RAM (errno {-rc})")
-            if self.recording is not None:
-                q.record(True)
-            if avail_index is not None:
-                # hr_vq_setup resumed at the used index in guest memory; a
-                # VMM restoring a queue says where the device had got to (the
-                # used index stays the ring's: the device completes in order,
-                # so at rest the two are equal, and the driver's memory has
-                # the one it was shown).  A position the avail index is more
-                # than a ring ahead of breaks the queue at its first walk.
-                q.vq.last_avail = avail_index
-            self.queues[index] = q
-            if index == 0:
-                self.requestq = q
-            # A driver sets up its queues after reading the config (virtio
-            # 1.2 §3.1.1 steps 5-7), so process_queue need not say it again.
-            self.config.frozen = True
+        dp.sync_memory()
+        q = Queue()
+        rc = lib.hr_vq_setup(q.vq, lib.hr_relay_memory(dp.c), size, desc, avail, used)
+        if rc < 0:
+            raise ValueError(f"queue {index}: invalid geometry or rings outside guest RAM (errno {-rc})")
+        q.geometry = (size, desc, avail, used)
+        if self.recording is not None:
+            q.record(True)
+        if avail_index is not None:
+            # hr_vq_setup resumed at the used index in guest memory; a
+            # VMM restoring a queue says where the device had got to (the
+            # used index stays the ring's: the device completes in order,
+            # so at rest the two are equal, and the driver's memory has
+            # the one it was shown).  A position the avail index is more
+            # than a ring ahead of breaks the queue at its first walk.
+            q.vq.last_avail = avail_index
+        self.queues[index] = q
+        if index == 0:
+            self.requestq = q
+        # A driver sets up its queues after reading the config (virtio
+        # 1.2 §3.1.1 steps 5-7), so process_queue need not say it again.
+        self.config.frozen = True
+        return q.vq
 
     def start_recording(self, into: list[RecordedRequest]) -> None:
         """Record every request the queues serve into ``into`` (lock held)."""
