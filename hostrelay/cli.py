@@ -565,5 +565,30 @@ def viot_cmd(iommu: Any, ranges: list[Any], output: Path | None, check_file: Pat
         click.echo(line)
 
 
+@main.group("state")
+def state_group() -> None:
+    """Saved virtio-iommu device states (``Relay.save_state``)."""
+
+
+@state_group.command("show")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the state's JSON header instead of a summary.")
+def state_show_cmd(path: Path, as_json: bool) -> None:
+    """Check a saved state (format, version, checksum, consistency) and say what it holds."""
+    from hostrelay.model.state import StateError, decode, header_of, summary
+
+    data = path.read_bytes()
+    try:
+        state = decode(data)
+    except StateError as exc:
+        raise click.ClickException(f"{path}: not a valid state: {exc}") from exc
+    if as_json:
+        _emit_json(header_of(data)[0])
+        return
+    click.echo(f"{path}: valid, {len(data)} bytes, {state.mapping_count()} mappings")
+    for line in summary(state):
+        click.echo(f"  {line}")
+
+
 if __name__ == "__main__":
     main()

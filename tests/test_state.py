@@ -349,3 +349,23 @@ def test_a_host_with_more_page_sizes_presents_the_saved_config(memory: GuestMemo
     with pytest.raises(StateError, match="page_size_mask differs"):
         r3.restore_state(blob)
     assert r3.page_size_mask == 0x1000 | 0x200000, "a refusal leaves the config as it was"
+
+
+def test_a_mapping_over_a_reserved_region_of_the_new_relay_is_refused(memory: GuestMemory) -> None:
+    r = Relay(memory, bypass=False, msi_window=None)
+    r.add_endpoint(E1)
+    assert send(r, AttachRequest(1, E1)) == Status.OK
+    for iova in (0x10000, 0x20000, 0x30000):
+        assert send(r, MapRequest(1, iova, iova + PAGE - 1, 0, RW)) == Status.OK
+    blob = r.save_state()
+    for lo, hi, refused in ((0x21000, 0x2FFFF, False), (0x20FFF, 0x20FFF, True), (0x30000, 0x30000, True),
+                            (0, 0x10000, True), (0x31000, 0x31FFF, False)):  # fmt: skip
+        r2 = Relay(memory, bypass=False, msi_window=None)
+        r2.add_endpoint(E1, reserved=[(lo, hi)])
+        if refused:
+            with pytest.raises(StateError, match="overlaps reserved region"):
+                r2.restore_state(blob)
+            assert r2.domain_ids() == []
+        else:
+            r2.restore_state(blob)
+            assert len(r2.mappings(1)) == 3

@@ -11,7 +11,7 @@ here, through the host address space.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hostrelay import _native
@@ -24,7 +24,7 @@ from hostrelay.model.mapping import Mapping
 from hostrelay.model.ports import HostAddressSpace
 from hostrelay.model.status import UnmapMismatch
 from hostrelay.model.topology import Domain, Topology
-from hostrelay.model.wire import HEAD_SIZE, TAIL_SIZE, MapRequest, ReqType, Status, UnmapRequest, pack_tail
+from hostrelay.model.wire import HEAD_SIZE, TAIL_SIZE, MapRequest, ReqType, Status, UnmapRequest, pack_head, pack_tail
 
 log = logging.getLogger("hostrelay.relay")
 
@@ -139,26 +139,37 @@ class Requests:
             self.report_failure(res)
         return reply(status, n)
 
-    def restore_map(self, domain: int, m: Mapping) -> tuple[int, str | None]:
-        """Re-make a saved mapping exactly as its MAP made it: ``(status, why)`` (lock held).
+    def restore_maps(self, domain: int, mappings: Sequence[Mapping]) -> tuple[Mapping, int, str | None] | None:
+        """Re-make saved mappings exactly as their MAPs made them (lock held).
 
-        The caller ran :meth:`DataPlane.prepare` once for the whole restore.
-        A kernel refusal is not reported as a fault event (the restore is
-        undone, there is no guest to tell): ``why`` says what it was.
+        Stops at the first one refused and returns ``(mapping, status, why)``;
+        ``None`` when every one is in.  The caller ran
+        :meth:`DataPlane.prepare` once for the whole restore.  A kernel
+        refusal is not reported as a fault event (the restore is undone,
+        there is no guest to tell): ``why`` says what it was.
         """
         dp = self.dp
-        readable = MapRequest(domain, m.start, m.end, m.phys, m.flags).pack()
-        res = dp.result
-        if lib.hr_relay_request(dp.c, readable, len(readable), TAIL_SIZE, dp.tail, res) <= 0:
-            return int(Status.DEVERR), "the MAP could not be framed"
-        status = int(res.status)
-        if status == lib.HR_S_DEFER:
-            return self._deferred(readable), None
-        if res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
-            dom = self.topology.domains.get(domain)
-            native = [b for b in dom.targets if is_native(b)] if dom is not None else []
-            return status, str(dp.failure(res, native)[1])
-        return status, None
+        c, tail, res = dp.c, dp.tail, dp.result
+        request, head, body = lib.hr_relay_request, pack_head(ReqType.MAP), MapRequest.BODY.pack
+        defer = lib.HR_S_DEFER
+        for m in mappings:
+            readable = head + body(domain, m.start, m.end, m.phys, m.flags)
+            if request(c, readable, len(readable), TAIL_SIZE, tail, res) <= 0:
+                return m, int(Status.DEVERR), "the MAP could not be framed"
+            status = int(res.status)
+            if status == 0:
+                continue
+            if status == defer:
+                status = self._deferred(readable)
+                if status == 0:
+                    continue
+                return m, status, None
+            if res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
+                dom = self.topology.domains.get(domain)
+                native = [b for b in dom.targets if is_native(b)] if dom is not None else []
+                return m, status, str(dp.failure(res, native)[1])
+            return m, status, None
+        return None
 
     def _deferred(self, readable: bytes) -> int:
         """A valid MAP/UNMAP (C checked it) for a domain with custom backends."""

@@ -16,6 +16,7 @@ kernel holds nothing of the state.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -165,25 +166,32 @@ class StateKeeper:
             raise StateError(f"driver features {s.driver_features:#x} include some the device never offered")
         granule = s.page_size_mask & -s.page_size_mask
         kinds = {e.id: e.kind for e in here.endpoints}
+        in_ram = _ram_check(self.memory)
+        lo_in, hi_in = s.input_range
         for d in state.domains:
             where = f"domain {d.id}"
             vfio = any(kinds[e] != "emulated" for e in d.endpoints)
-            for m in d.mappings:
-                if (m.start | m.phys | (m.end + 1)) & (granule - 1) & ((1 << 64) - 1):
-                    raise StateError(f"{where}: mapping {_span(m)} is not aligned to the granule {granule:#x}")
-                if not s.input_range[0] <= m.start <= m.end <= s.input_range[1]:
-                    raise StateError(f"{where}: mapping {_span(m)} is outside the input range")
-                if m.flags & MapFlag.MMIO:
-                    if vfio:
-                        raise StateError(f"{where}: MMIO mapping {_span(m)} in a domain with VFIO endpoints")
-                elif not self.memory.contains(m.phys, m.size):
-                    raise StateError(f"{where}: mapping {_span(m)} -> GPA {m.phys:#x}+{m.size:#x} is outside "
-                                     f"guest memory {_show_memory(here.memory)}")  # fmt: skip
             resv = [(r.start, r.end) for e in d.endpoints for r in self.topology.endpoints[e].resv]
             for m in d.mappings:
-                for lo, hi in resv:
-                    if m.start <= hi and lo <= m.end:
-                        raise StateError(f"{where}: mapping {_span(m)} overlaps reserved region [{lo:#x}, {hi:#x}]")
+                start, end, phys, flags = m
+                if (start | phys | (end + 1)) & (granule - 1) & U64_MAX:
+                    raise StateError(f"{where}: mapping {_span(m)} is not aligned to the granule {granule:#x}")
+                if start < lo_in or end > hi_in:
+                    raise StateError(f"{where}: mapping {_span(m)} is outside the input range")
+                if flags & _MMIO:
+                    if vfio:
+                        raise StateError(f"{where}: MMIO mapping {_span(m)} in a domain with VFIO endpoints")
+                elif not in_ram(phys, phys + (end - start)):
+                    raise StateError(f"{where}: mapping {_span(m)} -> GPA {phys:#x}+{end - start + 1:#x} is outside "
+                                     f"guest memory {_show_memory(here.memory)}")  # fmt: skip
+            starts = [m.start for m in d.mappings] if resv else []
+            for lo, hi in resv:
+                # The mappings are in IOVA order and do not overlap (decode
+                # checked): only the last one starting at or before hi can reach lo.
+                i = bisect.bisect_right(starts, hi)
+                if i and d.mappings[i - 1].end >= lo:
+                    m = d.mappings[i - 1]
+                    raise StateError(f"{where}: mapping {_span(m)} overlaps reserved region [{lo:#x}, {hi:#x}]")
         for q in state.queues:
             for name, gpa, size in (("desc", q.desc, 16 * q.size), ("avail", q.avail, 6 + 2 * q.size),
                                     ("used", q.used, 6 + 8 * q.size)):  # fmt: skip
@@ -219,11 +227,11 @@ class StateKeeper:
                     self.topology.attach(AttachRequest(d.id, e, flags))
                 except RelayError as exc:
                     raise StateError(f"domain {d.id}: ATTACH of endpoint {e:#x} refused ({exc})") from None
-            for m in d.mappings:
-                status, why = self.requests.restore_map(d.id, m)
-                if status != Status.OK:
-                    raise StateError(f"domain {d.id}: mapping {_span(m)} refused with {Status(status).name}"
-                                     + (f" ({why})" if why else ""))  # fmt: skip
+            refused = self.requests.restore_maps(d.id, d.mappings)
+            if refused is not None:
+                m, status, why = refused
+                raise StateError(f"domain {d.id}: mapping {_span(m)} refused with {Status(status).name}"
+                                 + (f" ({why})" if why else ""))  # fmt: skip
         self.events.records.extend(state.events)
         self.events.dropped = state.dropped_events
         for q in state.queues:
@@ -256,6 +264,27 @@ class StateKeeper:
             c.driver_features, c.frozen = features, frozen
         except Exception:
             log.exception("undoing a failed restore")
+
+
+_MMIO = int(MapFlag.MMIO)
+U64_MAX = (1 << 64) - 1
+
+
+def _ram_check(memory: GuestMemory) -> Callable[[int, int], bool]:
+    """``in_ram(first, last)``: True if the GPAs ``[first, last]`` are guest RAM (regions merged)."""
+    merged: list[list[int]] = []
+    for r in memory.regions:
+        if merged and merged[-1][1] + 1 == r.gpa:
+            merged[-1][1] = r.end
+        else:
+            merged.append([r.gpa, r.end])
+    starts = [lo for lo, _ in merged]
+
+    def in_ram(first: int, last: int) -> bool:
+        i = bisect.bisect_right(starts, first) - 1
+        return i >= 0 and last <= merged[i][1]
+
+    return in_ram
 
 
 def _span(m: Mapping) -> str:

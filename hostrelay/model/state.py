@@ -50,6 +50,7 @@ __all__ = [
     "decode",
     "encode",
     "header_of",
+    "summary",
 ]
 
 MAGIC = b"hostrelay-state\n"
@@ -439,3 +440,26 @@ def _queue(v: object, i: int) -> QueueState:
         raise StateError(f"queue {index}: size {size} is not a power of two")
     return QueueState(index, size, o.num("desc", U64_MAX), o.num("avail", U64_MAX), o.num("used", U64_MAX),
                       o.num("next_avail", 0xFFFF), o.num("used_idx", 0xFFFF), o.flag("broken"))  # fmt: skip
+
+
+def summary(state: DeviceState) -> list[str]:
+    """What a state holds, a line each (``hostrelay state show``)."""
+    c = state.config
+    feats = "not acknowledged" if c.driver_features is None else f"{c.driver_features:#x}"
+    lines = [
+        f"config: bypass {int(c.bypass)}, page_size_mask {c.page_size_mask:#x}, input_range "
+        f"[{c.input_range[0]:#x}, {c.input_range[1]:#x}], driver features {feats}",
+        "guest RAM: " + (", ".join(f"{g:#x}+{s:#x}" for g, s in state.memory) or "none"),
+    ]
+    for e in state.endpoints:
+        lines.append(f"endpoint {e.id:#x}: {e.kind}" + (f" {e.bdf} ({e.backend})" if e.bdf else ""))
+    for d in state.domains:
+        size = sum(m.size for m in d.mappings)
+        eps = ", ".join(f"{e:#x}" for e in d.endpoints)
+        kind = "bypass" if d.bypass else f"{len(d.mappings)} mappings, {size:#x} bytes"
+        lines.append(f"domain {d.id}: endpoints {eps}; {kind}")
+    for q in state.queues:
+        lines.append(f"queue {q.index}: size {q.size}, next avail {q.next_avail}, used {q.used_idx}"
+                     + (", stopped (needs reset)" if q.broken else ""))  # fmt: skip
+    lines.append(f"fault records: {len(state.events)} pending, {state.dropped_events} dropped")
+    return lines
