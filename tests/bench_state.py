@@ -34,13 +34,18 @@ EPS = (0x18, 0x20)
 
 
 def edu_bdfs() -> list[str]:
-    out = []
-    for dev in sorted(os.listdir("/sys/bus/pci/devices")):
-        base = f"/sys/bus/pci/devices/{dev}"
-        with open(f"{base}/vendor") as v, open(f"{base}/device") as d:
-            if (v.read().strip(), d.read().strip()) == ("0x1234", "0x11e8"):
-                out.append(dev)
-    return out
+    """Every edu function, bound to vfio-pci."""
+    from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
+    from hostrelay.host.binding import bind_vfio
+    from hostrelay.host.sysfs import find_pci
+    from hostrelay.host.udev import wait_for_vfio_node
+    from hostrelay.kernel.vfio import group_of
+
+    found = find_pci(VENDOR_ID, DEVICE_ID)
+    for bdf in found:
+        bind_vfio(bdf)
+        wait_for_vfio_node(group_of(bdf))
+    return found
 
 
 def make(memory: GuestMemory, backend: str, bdfs: list[str]) -> Relay:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
 from collections.abc import Iterator
 
@@ -59,3 +60,32 @@ def refusals(blob: bytes, *, ram: int = 16 * MIB) -> Iterator[tuple[str, bytes, 
     yield "another granule", reseal(blob, header=h5), "page_size_mask differs"
 
 
+def mutate(blob: bytes, rng: random.Random) -> bytes:
+    """A damaged copy of ``blob``: truncated, bits flipped, or flipped and re-sealed (the checksum passes)."""
+    kind = rng.randrange(4)
+    if kind == 0:  # truncation
+        return blob[: rng.randrange(len(blob))]
+    data = bytearray(blob)
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(data))
+        data[i] ^= 1 << rng.randrange(8)
+    if kind == 1:
+        return bytes(data)  # the checksum must refuse it
+    # Re-sealed: the checksum passes, the structure must be checked.
+    if kind == 2:
+        end = len(data) - 32
+        return bytes(data[:end]) + hashlib.sha256(bytes(data[:end])).digest()
+    # A JSON-aware edit: one number in the header changed, then re-sealed.
+    h, _ = st.header_of(blob)
+    path = rng.choice(["domains", "queues", "config", "memory"])
+    text = json.dumps(h[path])
+    nums = [i for i, ch in enumerate(text) if ch.isdigit()]
+    if not nums:
+        return bytes(data)
+    i = rng.choice(nums)
+    edited = text[:i] + str(rng.randrange(10)) + text[i + 1:]
+    try:
+        h2 = dict(h, **{path: json.loads(edited)})
+    except ValueError:
+        return bytes(data)
+    return reseal(blob, header=h2)

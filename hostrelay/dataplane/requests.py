@@ -11,7 +11,7 @@ here, through the host address space.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from hostrelay import _native
@@ -24,7 +24,7 @@ from hostrelay.model.mapping import Mapping
 from hostrelay.model.ports import HostAddressSpace
 from hostrelay.model.status import UnmapMismatch
 from hostrelay.model.topology import Domain, Topology
-from hostrelay.model.wire import HEAD_SIZE, TAIL_SIZE, MapRequest, ReqType, Status, UnmapRequest, pack_head, pack_tail
+from hostrelay.model.wire import HEAD_SIZE, MapRequest, ReqType, Status, UnmapRequest, pack_tail
 
 log = logging.getLogger("hostrelay.relay")
 
@@ -139,37 +139,9 @@ class Requests:
             self.report_failure(res)
         return reply(status, n)
 
-    def restore_maps(self, domain: int, mappings: Sequence[Mapping]) -> tuple[Mapping, int, str | None] | None:
-        """Re-make saved mappings exactly as their MAPs made them (lock held).
-
-        Stops at the first one refused and returns ``(mapping, status, why)``;
-        ``None`` when every one is in.  The caller ran
-        :meth:`DataPlane.prepare` once for the whole restore.  A kernel
-        refusal is not reported as a fault event (the restore is undone,
-        there is no guest to tell): ``why`` says what it was.
-        """
-        dp = self.dp
-        c, tail, res = dp.c, dp.tail, dp.result
-        request, head, body = lib.hr_relay_request, pack_head(ReqType.MAP), MapRequest.BODY.pack
-        defer = lib.HR_S_DEFER
-        for m in mappings:
-            readable = head + body(domain, m.start, m.end, m.phys, m.flags)
-            if request(c, readable, len(readable), TAIL_SIZE, tail, res) <= 0:
-                return m, int(Status.DEVERR), "the MAP could not be framed"
-            status = int(res.status)
-            if status == 0:
-                continue
-            if status == defer:
-                status = self._deferred(readable)
-                if status == 0:
-                    continue
-                return m, status, None
-            if res.reason == lib.HR_R_KERNEL or res.reason == lib.HR_R_MISMATCH:
-                dom = self.topology.domains.get(domain)
-                native = [b for b in dom.targets if is_native(b)] if dom is not None else []
-                return m, status, str(dp.failure(res, native)[1])
-            return m, status, None
-        return None
+    def map_custom(self, domain: int, m: Mapping) -> int:
+        """A MAP C checked and deferred (a domain with a VMM's own backend), carried out here: its status."""
+        return self._deferred(MapRequest(domain, m.start, m.end, m.phys, m.flags).pack())
 
     def _deferred(self, readable: bytes) -> int:
         """A valid MAP/UNMAP (C checked it) for a domain with custom backends."""

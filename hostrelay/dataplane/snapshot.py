@@ -16,16 +16,17 @@ kernel holds nothing of the state.
 
 from __future__ import annotations
 
-import bisect
 import logging
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from hostrelay._native import lib
+from hostrelay._native import ffi, lib
 from hostrelay.backends.iommufd import IommufdGroup
 from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.type1 import VfioBackend
-from hostrelay.dataplane.handle import DataPlane
+from hostrelay.dataplane.handle import DataPlane, is_native
+from hostrelay.dataplane.table import MappingTable
 from hostrelay.dataplane.requests import Requests
 from hostrelay.dataplane.ring import Queues
 from hostrelay.model.config import ConfigSpace
@@ -33,6 +34,10 @@ from hostrelay.model.events import FaultLog
 from hostrelay.model.mapping import Mapping
 from hostrelay.model.ports import Backend
 from hostrelay.model.state import (
+    KNOWN_MAP_FLAGS,
+    MAPPING_RECORD,
+    MAPPING_SIZE,
+    RECORD_PROBLEMS,
     ConfigState,
     DeviceState,
     DomainState,
@@ -91,7 +96,7 @@ class StateKeeper:
         endpoints = tuple(self._endpoint(e.id, e.backend) for e in sorted(self.topology.endpoints.values(),
                                                                            key=lambda e: e.id))  # fmt: skip
         domains = tuple(
-            DomainState(d.id, d.bypass, tuple(sorted(d.endpoints)), tuple(d.table))
+            DomainState(d.id, d.bypass, tuple(sorted(d.endpoints)), _export(d.table))
             for d in sorted(self.topology.domains.values(), key=lambda d: d.id)
         )
         queues = []
@@ -115,7 +120,7 @@ class StateKeeper:
 
     def restore(self, data: bytes | bytearray | memoryview) -> DeviceState:
         """See :meth:`hostrelay.relay.Relay.restore_state`; returns what was restored."""
-        state = decode(data)
+        state = decode(data, _check_records)
         with self.dp.lock:
             self._check_empty()
             self._check_fits(state)
@@ -164,34 +169,9 @@ class StateKeeper:
                              f"{_show(h.input_range)}, which does not contain it")  # fmt: skip
         if s.driver_features is not None and s.driver_features & ~s.device_features:
             raise StateError(f"driver features {s.driver_features:#x} include some the device never offered")
-        granule = s.page_size_mask & -s.page_size_mask
-        kinds = {e.id: e.kind for e in here.endpoints}
-        in_ram = _ram_check(self.memory)
-        lo_in, hi_in = s.input_range
-        for d in state.domains:
-            where = f"domain {d.id}"
-            vfio = any(kinds[e] != "emulated" for e in d.endpoints)
-            resv = [(r.start, r.end) for e in d.endpoints for r in self.topology.endpoints[e].resv]
-            for m in d.mappings:
-                start, end, phys, flags = m
-                if (start | phys | (end + 1)) & (granule - 1) & U64_MAX:
-                    raise StateError(f"{where}: mapping {_span(m)} is not aligned to the granule {granule:#x}")
-                if start < lo_in or end > hi_in:
-                    raise StateError(f"{where}: mapping {_span(m)} is outside the input range")
-                if flags & _MMIO:
-                    if vfio:
-                        raise StateError(f"{where}: MMIO mapping {_span(m)} in a domain with VFIO endpoints")
-                elif not in_ram(phys, phys + (end - start)):
-                    raise StateError(f"{where}: mapping {_span(m)} -> GPA {phys:#x}+{end - start + 1:#x} is outside "
-                                     f"guest memory {_show_memory(here.memory)}")  # fmt: skip
-            starts = [m.start for m in d.mappings] if resv else []
-            for lo, hi in resv:
-                # The mappings are in IOVA order and do not overlap (decode
-                # checked): only the last one starting at or before hi can reach lo.
-                i = bisect.bisect_right(starts, hi)
-                if i and d.mappings[i - 1].end >= lo:
-                    m = d.mappings[i - 1]
-                    raise StateError(f"{where}: mapping {_span(m)} overlaps reserved region [{lo:#x}, {hi:#x}]")
+        # Each mapping's own checks (granule, input range, guest RAM, reserved
+        # regions, MMIO with VFIO, limits) are its MAP's, in C, during the
+        # replay: a refusal there is undone as a whole and named by its reason.
         for q in state.queues:
             for name, gpa, size in (("desc", q.desc, 16 * q.size), ("avail", q.avail, 6 + 2 * q.size),
                                     ("used", q.used, 6 + 8 * q.size)):  # fmt: skip
@@ -227,11 +207,7 @@ class StateKeeper:
                     self.topology.attach(AttachRequest(d.id, e, flags))
                 except RelayError as exc:
                     raise StateError(f"domain {d.id}: ATTACH of endpoint {e:#x} refused ({exc})") from None
-            refused = self.requests.restore_maps(d.id, d.mappings)
-            if refused is not None:
-                m, status, why = refused
-                raise StateError(f"domain {d.id}: mapping {_span(m)} refused with {Status(status).name}"
-                                 + (f" ({why})" if why else ""))  # fmt: skip
+            self._restore_maps(d)
         self.events.records.extend(state.events)
         self.events.dropped = state.dropped_events
         for q in state.queues:
@@ -241,6 +217,37 @@ class StateKeeper:
                 raise StateError(f"queue {q.index}: guest memory's used index is {int(vq.used_idx)}, the state's "
                                  f"{q.used_idx}: this is not the guest memory the state was saved with")  # fmt: skip
             vq.broken = int(q.broken)
+
+    def _restore_maps(self, d: DomainState) -> None:
+        """Every mapping of ``d`` as its MAP made it: in C, one call for the lot (lock held)."""
+        dp, records, count = self.dp, d.records, d.count
+        res = dp.result
+        done = 0
+        while done < count:
+            view = ffi.from_buffer("uint8_t[]", records, require_writable=False)
+            i = int(lib.hr_state_restore(dp.c, d.id, view + done * MAPPING_SIZE, count - done, res))
+            done += i
+            if done == count:
+                return
+            m = Mapping(*_RECORD.unpack_from(records, done * MAPPING_SIZE))
+            status = int(res.status)
+            if status == lib.HR_S_DEFER:
+                # A domain with a VMM's own backend: C checked it, Python carries it out.
+                status = self.requests.map_custom(d.id, m)
+                if status == Status.OK:
+                    done += 1
+                    continue
+                raise StateError(f"domain {d.id}: mapping {_span(m)} refused with {Status(status).name}")
+            raise StateError(f"domain {d.id}: mapping {_span(m)} -> GPA {m.phys:#x} refused with "
+                             f"{Status(status).name}: {self._why(d.id, res)}")  # fmt: skip
+
+    def _why(self, domain: int, res: Any) -> str:
+        reason = int(res.reason)
+        if reason in (lib.HR_R_KERNEL, lib.HR_R_MISMATCH):
+            dom = self.topology.domains.get(domain)
+            native = [b for b in dom.targets if is_native(b)] if dom is not None else []
+            return str(self.dp.failure(res, native)[1])
+        return _REASONS.get(reason, f"reason {reason}")
 
     def _set_host(self, page_size_mask: int, input_range: tuple[int, int]) -> None:
         c = self.config
@@ -266,25 +273,41 @@ class StateKeeper:
             log.exception("undoing a failed restore")
 
 
-_MMIO = int(MapFlag.MMIO)
-U64_MAX = (1 << 64) - 1
+_RECORD = struct.Struct(MAPPING_RECORD)
+# The C data plane's refusal reasons (cext/hr_relay.h) as a restore names them.
+_REASONS = {
+    lib.HR_R_DOMAIN_RANGE: "outside the domain range",
+    lib.HR_R_ORDER: "ends before it starts",
+    lib.HR_R_ALIGN: "not aligned to the granule",
+    lib.HR_R_INPUT_RANGE: "outside the input range",
+    lib.HR_R_PHYS_WRAP: "wraps guest-physical space",
+    lib.HR_R_BYPASS: "a bypass domain takes no mapping",
+    lib.HR_R_RESERVED: "overlaps a reserved region of an endpoint",
+    lib.HR_R_NOT_RAM: "outside guest memory",
+    lib.HR_R_MMIO_VFIO: "an MMIO mapping in a domain with VFIO endpoints",
+    lib.HR_R_LIMIT: "more mappings than this relay's max_mappings",
+    lib.HR_R_OVERLAP: "overlaps another mapping",
+    lib.HR_R_ENTRIES: "more than the kernel's DMA entries (dma_entry_limit)",
+    lib.HR_R_MEMLOCK: "more than RLIMIT_MEMLOCK",
+    lib.HR_R_FLAGS: "unknown flags",
+}
 
 
-def _ram_check(memory: GuestMemory) -> Callable[[int, int], bool]:
-    """``in_ram(first, last)``: True if the GPAs ``[first, last]`` are guest RAM (regions merged)."""
-    merged: list[list[int]] = []
-    for r in memory.regions:
-        if merged and merged[-1][1] + 1 == r.gpa:
-            merged[-1][1] = r.end
-        else:
-            merged.append([r.gpa, r.end])
-    starts = [lo for lo, _ in merged]
+def _export(table: Any) -> bytes:
+    """A C table as the state's records (hr_state_export), in IOVA order."""
+    assert isinstance(table, MappingTable)  # every domain's table is made by the data plane
+    n = len(table)
+    buf = ffi.new("uint8_t[]", max(n, 1) * MAPPING_SIZE)
+    got = int(lib.hr_state_export(table.ptr, buf, n))
+    assert got == n, "the table changed under the relay's lock"
+    return bytes(ffi.buffer(buf, n * MAPPING_SIZE))
 
-    def in_ram(first: int, last: int) -> bool:
-        i = bisect.bisect_right(starts, first) - 1
-        return i >= 0 and last <= merged[i][1]
 
-    return in_ram
+def _check_records(records: memoryview, count: int) -> tuple[int, str]:
+    """:func:`hostrelay.model.state.check_records`, in C."""
+    why = ffi.new("int *")
+    bad = int(lib.hr_state_check(ffi.from_buffer("uint8_t[]", records), count, KNOWN_MAP_FLAGS, why))
+    return bad, RECORD_PROBLEMS.get(why[0], "")
 
 
 def _span(m: Mapping) -> str:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,11 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "QueueState",
+    "KNOWN_MAP_FLAGS",
+    "RECORD_PROBLEMS",
+    "RecordCheck",
     "StateError",
+    "check_records",
     "decode",
     "encode",
     "header_of",
@@ -61,6 +65,7 @@ _DIGEST = 32  # SHA-256
 # One mapping: virt_start, virt_end (inclusive), phys_start, flags, padding.
 _MAPPING = struct.Struct("<QQQI4x")
 MAPPING_RECORD = "<QQQI4x"
+MAPPING_SIZE = _MAPPING.size  # 32
 MAPPING_FIELDS = ["virt_start", "virt_end", "phys_start", "flags"]
 EVENT_RECORD = f"{FAULT_SIZE}s"
 # Sanity bounds, far above anything a relay holds, so a corrupt length
@@ -101,12 +106,32 @@ class EndpointState:
 
 @dataclass(frozen=True, slots=True)
 class DomainState:
-    """A live domain: its endpoints and every mapping, in IOVA order."""
+    """A live domain: its endpoints and every mapping, in IOVA order.
+
+    ``records`` is the mapping table as the blob stores it (32 bytes a
+    mapping, see :data:`MAPPING_RECORD`), so that saving and restoring 100 000
+    mappings moves bytes, not objects; :attr:`mappings` decodes it.
+    """
 
     id: int
     bypass: bool
     endpoints: tuple[int, ...]
-    mappings: tuple[Mapping, ...]
+    records: bytes = b""
+
+    @property
+    def count(self) -> int:
+        """Number of mappings."""
+        return len(self.records) // MAPPING_SIZE
+
+    @property
+    def mappings(self) -> tuple[Mapping, ...]:
+        """The mappings, decoded."""
+        return tuple(Mapping(*r) for r in _MAPPING.iter_unpack(self.records))
+
+    @staticmethod
+    def pack(mappings: Sequence[Mapping]) -> bytes:
+        """``records`` for ``mappings``."""
+        return b"".join(_MAPPING.pack(m.start, m.end, m.phys, m.flags) for m in mappings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +162,7 @@ class DeviceState:
 
     def mapping_count(self) -> int:
         """Mappings over every domain."""
-        return sum(len(d.mappings) for d in self.domains)
+        return sum(d.count for d in self.domains)
 
 
 # --- encode -------------------------------------------------------------------------------------
@@ -146,16 +171,12 @@ class DeviceState:
 def encode(state: DeviceState) -> bytes:
     """The blob for ``state`` (see the module docstring for the layout)."""
     c = state.config
-    mappings = bytearray(_MAPPING.size * state.mapping_count())
     domains: list[dict[str, Any]] = []
     first = 0
-    pack_into = _MAPPING.pack_into
     for d in state.domains:
-        for i, m in enumerate(d.mappings):
-            pack_into(mappings, (first + i) * _MAPPING.size, m.start, m.end, m.phys, m.flags)
-        domains.append({"id": d.id, "bypass": d.bypass, "endpoints": list(d.endpoints),
-                        "mappings": [first, len(d.mappings)]})  # fmt: skip
-        first += len(d.mappings)
+        domains.append({"id": d.id, "bypass": d.bypass, "endpoints": list(d.endpoints), "mappings": [first, d.count]})
+        first += d.count
+    mappings = b"".join(d.records for d in state.domains)
     events = b"".join(state.events)
     header = {
         "format": FORMAT_NAME,
@@ -185,7 +206,7 @@ def encode(state: DeviceState) -> bytes:
         },
     }
     text = json.dumps(header, separators=(",", ":")).encode()
-    body = bytes(mappings) + events
+    body = mappings + events
     blob = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(text), len(body)) + text + body
     return blob + hashlib.sha256(blob).digest()
 
@@ -224,7 +245,13 @@ def header_of(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], mem
     return header, view[_PREFIX.size + json_len:end]
 
 
-def decode(data: bytes | bytearray | memoryview) -> DeviceState:
+#: ``check(records, count) -> (index, why)``: the index of the first bad
+#: record (``count`` if none) and what is wrong with it.  The data plane
+#: passes one in C (``hr_state_check``); :func:`check_records` is the same in Python.
+RecordCheck = Callable[[memoryview, int], tuple[int, str]]
+
+
+def decode(data: bytes | bytearray | memoryview, check: RecordCheck | None = None) -> DeviceState:
     """The :class:`DeviceState` in ``data``; :class:`StateError` for anything else.
 
     Beyond framing and checksum it checks what holds for every state a relay
@@ -252,12 +279,11 @@ def decode(data: bytes | bytearray | memoryview) -> DeviceState:
     off_map, off_ev = mt.num("offset", U64_MAX), et.num("offset", U64_MAX)
     if off_map != 0 or off_ev != n_map * _MAPPING.size or len(body) != off_ev + n_ev * FAULT_SIZE:
         raise StateError("tables: offsets and counts do not describe the body")
-    all_mappings = [Mapping(*rec) for rec in _MAPPING.iter_unpack(body[:off_ev])]
     events = tuple(bytes(body[off_ev + i * FAULT_SIZE:off_ev + (i + 1) * FAULT_SIZE]) for i in range(n_ev))
     ev = h.sub("events")
     ev.keys({"dropped"})
     dropped = ev.num("dropped", U64_MAX)
-    domains = _domains(h.items("domains"), endpoints, all_mappings, config)
+    domains = _domains(h.items("domains"), endpoints, body[:off_ev], n_map, config, check or check_records)
     queues = tuple(_queue(q, i) for i, q in enumerate(h.items("queues")))
     if len({q.index for q in queues}) != len(queues):
         raise StateError("queues: a queue is named twice")
@@ -368,8 +394,8 @@ def _endpoint(v: object, i: int) -> EndpointState:
     return EndpointState(o.num("id", U32_MAX), kind, bdf, backend)
 
 
-def _domains(items: list[Any], endpoints: tuple[EndpointState, ...], mappings: list[Mapping],
-             config: ConfigState) -> tuple[DomainState, ...]:  # fmt: skip
+def _domains(items: list[Any], endpoints: tuple[EndpointState, ...], table: memoryview, n_map: int,
+             config: ConfigState, check: RecordCheck) -> tuple[DomainState, ...]:  # fmt: skip
     known = {e.id for e in endpoints}
     if len(known) != len(endpoints):
         raise StateError("endpoints: an endpoint is named twice")
@@ -401,35 +427,52 @@ def _domains(items: list[Any], endpoints: tuple[EndpointState, ...], mappings: l
         if len(span) != 2:
             raise StateError(f"{where}: mappings is not a [first, count] pair")
         first, count = _int(span[0], U32_MAX, f"{where} mappings"), _int(span[1], U32_MAX, f"{where} mappings")
-        if first != next_first or first + count > len(mappings):
+        if first != next_first or first + count > n_map:
             raise StateError(f"{where}: its mappings [{first}, +{count}] are not the next ones of the table")
         next_first = first + count
-        mine = tuple(mappings[first:first + count])
-        if bypass and mine:
-            raise StateError(f"{where}: a bypass domain has {len(mine)} mappings (MAP is refused there)")
-        _check_mappings(mine, where)
-        out.append(DomainState(dom_id, bypass, eps, mine))
-    if next_first != len(mappings):
-        raise StateError(f"tables.mappings: {len(mappings) - next_first} mappings belong to no domain")
+        if bypass and count:
+            raise StateError(f"{where}: a bypass domain has {count} mappings (MAP is refused there)")
+        records = table[first * MAPPING_SIZE:(first + count) * MAPPING_SIZE]
+        bad, why = check(records, count)
+        if bad != count:
+            m = Mapping(*_MAPPING.unpack_from(records, bad * MAPPING_SIZE))
+            raise StateError(f"{where}: mapping [{m.start:#x}, {m.end:#x}] -> {m.phys:#x}: {why}")
+        out.append(DomainState(dom_id, bypass, eps, bytes(records)))
+    if next_first != n_map:
+        raise StateError(f"tables.mappings: {n_map - next_first} mappings belong to no domain")
     return tuple(out)
 
 
-_KNOWN_MAP_FLAGS = int(MapFlag.READ | MapFlag.WRITE | MapFlag.MMIO)
+KNOWN_MAP_FLAGS = int(MapFlag.READ | MapFlag.WRITE | MapFlag.MMIO)
+#: What :func:`check_records` and ``hr_state_check`` say of a bad record, by reason.
+RECORD_PROBLEMS = {
+    1: "ends before it starts",
+    2: "overlaps the one before it or is out of IOVA order",
+    3: "wraps guest-physical space",
+    4: "has unknown flags",
+    5: "has non-zero padding",
+}
 
 
-def _check_mappings(mappings: Sequence[Mapping], where: str) -> None:
+def check_records(records: memoryview, count: int) -> tuple[int, str]:
+    """What every saved table satisfies: ``(index of the first bad record or count, why)``."""
     prev_end = -1
-    for m in mappings:
-        if m.end < m.start:
-            raise StateError(f"{where}: mapping [{m.start:#x}, {m.end:#x}] ends before it starts")
-        if m.start <= prev_end:
-            raise StateError(f"{where}: mapping [{m.start:#x}, {m.end:#x}] overlaps the one before it "
-                             "or is out of IOVA order")  # fmt: skip
-        if m.phys + (m.end - m.start) > U64_MAX:
-            raise StateError(f"{where}: mapping [{m.start:#x}, {m.end:#x}] -> {m.phys:#x} wraps guest-physical space")
-        if m.flags & ~_KNOWN_MAP_FLAGS:
-            raise StateError(f"{where}: mapping at {m.start:#x} has unknown flags {m.flags:#x}")
-        prev_end = m.end
+    for i, (start, end, phys, flags) in enumerate(_MAPPING.iter_unpack(records)):
+        why = 0
+        if end < start:
+            why = 1
+        elif start <= prev_end:
+            why = 2
+        elif phys + (end - start) > U64_MAX:
+            why = 3
+        elif flags & ~KNOWN_MAP_FLAGS:
+            why = 4
+        elif bytes(records[i * MAPPING_SIZE + 28:(i + 1) * MAPPING_SIZE]) != bytes(4):
+            why = 5
+        if why:
+            return i, RECORD_PROBLEMS[why]
+        prev_end = end
+    return count, ""
 
 
 def _queue(v: object, i: int) -> QueueState:
