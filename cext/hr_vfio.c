@@ -3,6 +3,7 @@
 #include "hr_hook.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -205,6 +206,69 @@ int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
 {
 	INJECT(HR_VFIO_OP_UNMAP_DMA, container_fd);
 	return raw_unmap_dma(container_fd, flags, iova, size, unmapped);
+}
+
+/* ------------------------------------------------------- dirty logging */
+
+int hr_vfio_dirty_pages(int container_fd, uint32_t flags)
+{
+	INJECT(HR_VFIO_OP_DIRTY_PAGES, container_fd);
+	struct vfio_iommu_type1_dirty_bitmap dirty = { .argsz = sizeof(dirty), .flags = flags };
+
+	return hr_ret(ioctl(container_fd, VFIO_IOMMU_DIRTY_PAGES, &dirty));
+}
+
+int hr_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
+			     uint64_t *bitmap, uint64_t bitmap_size)
+{
+	INJECT(HR_VFIO_OP_DIRTY_PAGES, container_fd);
+	/* The header and its GET payload in one buffer: the kernel reads the
+	 * payload from dirty.data[] (argsz counts it, not the bitmap). */
+	struct {
+		struct vfio_iommu_type1_dirty_bitmap dirty;
+		struct vfio_iommu_type1_dirty_bitmap_get get;
+	} req;
+
+	_Static_assert(offsetof(__typeof__(req), get) == sizeof(struct vfio_iommu_type1_dirty_bitmap),
+		       "GET payload right after the header");
+	memset(&req, 0, sizeof(req));
+	req.dirty.argsz = sizeof(req);
+	req.dirty.flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP;
+	req.get.iova = iova;
+	req.get.size = size;
+	req.get.bitmap.pgsize = pgsize;
+	req.get.bitmap.size = bitmap_size;
+	req.get.bitmap.data = (__u64 *)bitmap;
+	return hr_ret(ioctl(container_fd, VFIO_IOMMU_DIRTY_PAGES, &req));
+}
+
+int hr_vfio_unmap_dma_dirty(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
+			    uint64_t *bitmap, uint64_t bitmap_size, uint64_t *unmapped)
+{
+	INJECT(HR_VFIO_OP_UNMAP_DMA_DIRTY, container_fd);
+	/* struct vfio_bitmap follows the unmap struct in its data[] (argsz
+	 * counts both; Linux >= 5.8 vfio_iommu_type1_unmap_dma). */
+	struct {
+		struct vfio_iommu_type1_dma_unmap unmap;
+		struct vfio_bitmap bitmap;
+	} req;
+
+	_Static_assert(offsetof(__typeof__(req), bitmap) == sizeof(struct vfio_iommu_type1_dma_unmap),
+		       "bitmap right after the unmap struct");
+	memset(&req, 0, sizeof(req));
+	req.unmap.argsz = sizeof(req);
+	req.unmap.flags = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+	req.unmap.iova = iova;
+	req.unmap.size = size;
+	req.bitmap.pgsize = pgsize;
+	req.bitmap.size = bitmap_size;
+	req.bitmap.data = (__u64 *)bitmap;
+	int rc = ioctl(container_fd, VFIO_IOMMU_UNMAP_DMA, &req);
+
+	if (rc < 0)
+		return -errno;
+	*unmapped = req.unmap.size;
+	return 0;
 }
 
 int hr_vfio_close(int fd)

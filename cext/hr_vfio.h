@@ -20,6 +20,13 @@ _Static_assert(sizeof(struct vfio_info_cap_header) == 8, "cap header size");
 _Static_assert(sizeof(struct vfio_group_status) == 8, "group_status size");
 _Static_assert(sizeof(struct vfio_region_info) == 32, "region_info size");
 _Static_assert(sizeof(struct vfio_iova_range) == 16, "iova_range size");
+/* Dirty page logging (Linux >= 5.8): the ioctl header, its GET_BITMAP
+ * payload, the bitmap descriptor UNMAP_DMA carries after its struct, and the
+ * migration capability of VFIO_IOMMU_GET_INFO. */
+_Static_assert(sizeof(struct vfio_iommu_type1_dirty_bitmap) == 8, "dirty_bitmap size");
+_Static_assert(sizeof(struct vfio_iommu_type1_dirty_bitmap_get) == 40, "dirty_bitmap_get size");
+_Static_assert(sizeof(struct vfio_bitmap) == 24, "vfio_bitmap size");
+_Static_assert(sizeof(struct vfio_iommu_type1_info_cap_migration) == 32, "cap_migration size");
 
 int hr_vfio_get_api_version(int container_fd);
 int hr_vfio_check_extension(int container_fd, int extension);
@@ -36,6 +43,17 @@ int hr_vfio_map_dma(int container_fd, uint32_t flags, uint64_t vaddr,
                     uint64_t iova, uint64_t size);
 int hr_vfio_unmap_dma(int container_fd, uint32_t flags, uint64_t iova,
                       uint64_t size, uint64_t *unmapped);
+/* Dirty page logging.  hr_vfio_dirty_pages: VFIO_IOMMU_DIRTY_PAGES with
+ * flags _START or _STOP.  hr_vfio_dirty_get_bitmap: _GET_BITMAP of
+ * [iova, iova+size) at pgsize into bitmap (bitmap_size bytes, zeroed by the
+ * caller; bit i = page iova + i*pgsize).  hr_vfio_unmap_dma_dirty:
+ * UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, the same bitmap read
+ * atomically with the unmap; *unmapped as hr_vfio_unmap_dma. */
+int hr_vfio_dirty_pages(int container_fd, uint32_t flags);
+int hr_vfio_dirty_get_bitmap(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
+                             uint64_t *bitmap, uint64_t bitmap_size);
+int hr_vfio_unmap_dma_dirty(int container_fd, uint64_t iova, uint64_t size, uint64_t pgsize,
+                            uint64_t *bitmap, uint64_t bitmap_size, uint64_t *unmapped);
 int hr_vfio_bench_map_unmap(int container_fd, uint64_t vaddr, uint64_t iova,
                             uint64_t size, uint32_t count, uint32_t spread);
 /* close(2) of a container, group or device fd: through here so that the
@@ -91,10 +109,13 @@ enum hr_vfio_op {
 	HR_VFIO_OP_DEVICE_DETACH = 1u << 22,
 	HR_VFIO_OP_GET_HW_INFO = 1u << 23,
 	HR_VFIO_OP_OPTION = 1u << 24,
-	HR_VFIO_NOPS = 25,
-	HR_VFIO_OP_ALL = (1u << 25) - 1,
+	/* Dirty page logging (type1). */
+	HR_VFIO_OP_DIRTY_PAGES = 1u << 25,
+	HR_VFIO_OP_UNMAP_DMA_DIRTY = 1u << 26,
+	HR_VFIO_NOPS = 27,
+	HR_VFIO_OP_ALL = (1u << 27) - 1,
 };
-_Static_assert(HR_VFIO_OP_OPTION == 1u << (HR_VFIO_NOPS - 1), "HR_VFIO_NOPS counts every operation");
+_Static_assert(HR_VFIO_OP_UNMAP_DMA_DIRTY == 1u << (HR_VFIO_NOPS - 1), "HR_VFIO_NOPS counts every operation");
 void hr_vfio_fail_next(uint32_t op_mask, uint32_t nth, int err);
 int hr_vfio_fail_pending(void);
 int hr_vfio_fail_fd(void);

@@ -21,6 +21,8 @@ _LAZY = {
     "IommuInfo": "hostrelay.kernel.vfio",
     "VfioError": "hostrelay.kernel.errors",
     "Relay": "hostrelay.relay",
+    "DirtyLogStatus": "hostrelay.model.dirty",
+    "SpaceDirtyStatus": "hostrelay.model.dirty",
     "RecordedRequest": "hostrelay.relay",
     "GuestMemory": "hostrelay.backends.memory",
 }
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from hostrelay.backends.memory import GuestMemory
     from hostrelay.relay import RecordedRequest, Relay
     from hostrelay.kernel.vfio import Container, Device, Group, IommuInfo
+    from hostrelay.model.dirty import DirtyLogStatus, SpaceDirtyStatus
 
 
 def __getattr__(name: str) -> Any:

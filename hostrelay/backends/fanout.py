@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hostrelay.backends.type1 import MemlockBudget, UnmapMismatch
 from hostrelay.model.mapping import Mapping
@@ -51,6 +51,10 @@ class FanOutAddressSpace:
     def __init__(self, report: Report, budget: Callable[[], MemlockBudget | None]) -> None:
         self.report = report
         self.budget = budget
+        # The relay's dirty log while it runs (hostrelay.dataplane.dirty.DirtyLog):
+        # told of every mapping and attachment a device may write through,
+        # for the spaces the kernel does not track.
+        self.dirty: Any = None
 
     # --- joining and leaving ------------------------------------------------------
 
@@ -67,6 +71,8 @@ class FanOutAddressSpace:
         except BaseException as exc:
             self.report(backend, exc, "ATTACH", 0, write=True)
             raise
+        if self.dirty is not None:
+            self.dirty.exposed(domain, backend)
 
     @staticmethod
     def replay(backend: Backend, domain: Domain) -> None:
@@ -168,6 +174,8 @@ class FanOutAddressSpace:
                 done.append(b)
             current = None
             commit()
+            if self.dirty is not None:
+                self.dirty.mapped(domain, mapping)
         except BaseException as exc:
             # A MAP that fails in one backend is undone in the others.
             for b in done:

@@ -374,6 +374,8 @@ class IommufdAddressSpace:
             raise
         finally:
             self._collect()
+        if self.fanout.dirty is not None:
+            self.fanout.dirty.exposed(domain, backend)  # the dirty log: it may write there now
 
     def leave(self, domain: Domain, backend: Backend, *, bypass: bool | None) -> None:
         """``backend`` leaves ``domain``; an iommufd group then follows ``bypass``.
@@ -455,6 +457,8 @@ class IommufdAddressSpace:
         """An unattached ``group`` to the identity IOAS (``bypass``) or to nothing; raises."""
         if bypass:
             group.attach(self._identity())
+            if self.fanout.dirty is not None:
+                self.fanout.dirty.exposed(None, group)  # the dirty log: all of guest RAM
         else:
             group.detach()
 

@@ -72,6 +72,14 @@ class MappedSpace:
     def _kunmap(self, iova: int, size: int) -> int:
         raise NotImplementedError
 
+    def _kunmap_logged(self, iova: int, size: int, segments: list[tuple[int, int, int]]) -> int:
+        """:meth:`_kunmap` of guest mappings whose IOVA -> GPA ``segments`` are known.
+
+        A space that reads a dirty log at unmap (type1 while logging)
+        overrides this; the others unmap plainly.
+        """
+        return self._kunmap(iova, size)
+
     def _in_ranges(self, iova: int, size: int) -> bool:
         raise NotImplementedError
 
@@ -172,7 +180,7 @@ class MappedSpace:
                 done.append(run)
                 continue
             try:
-                got = self._kunmap(start, end - start + 1)
+                got = self._kunmap_logged(start, end - start + 1, [(m.start, m.end, m.phys) for m in run])
             except BaseException:
                 self._remap(done)
                 raise
@@ -247,7 +255,7 @@ class MappedSpace:
         pieces = self._identity or []
         for i, p in enumerate(pieces):
             try:
-                got = self._kunmap(p.iova, p.size)
+                got = self._kunmap_logged(p.iova, p.size, [(p.iova, p.iova + p.size - 1, p.iova)])
             except BaseException:
                 self._map_pieces(pieces[:i], read=True, write=True)  # back to fully mapped
                 raise

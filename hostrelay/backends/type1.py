@@ -36,6 +36,8 @@ from hostrelay._native import ffi, lib
 from hostrelay.kernel.errors import VfioError
 from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.space import MappedSpace
+from hostrelay.model.dirty import Segment, bitmap_runs, translate_runs
+from hostrelay.model.mapping import Mapping
 from hostrelay.model.status import NoResources, UnmapMismatch
 from hostrelay.kernel.vfio import DEFAULT_DEV_ROOT, DEFAULT_SYSFS_ROOT, Container, Device, Group, IommuInfo, close_all
 
@@ -226,6 +228,10 @@ class VfioBackend(MappedSpace):
         self.host_reserved = read_reserved_regions(group_id, sysfs_root)
         self.devices: dict[str, Device] = {}
         self._identity = None  # no identity map
+        # The dirty log: the bitmap page size while the kernel logs (None:
+        # off), and GPA ranges unmapped meanwhile that the kernel said dirty.
+        self.dirty_pgsize: int | None = None
+        self.dirty_removed: list[tuple[int, int]] = []
 
     # -- devices -------------------------------------------------------------
     def open_device(self, bdf: str) -> Device:
@@ -247,6 +253,7 @@ class VfioBackend(MappedSpace):
             self._account(-self.entries, -self.charged)
         self.c.fd = -1
         self._identity = None
+        self.dirty_pgsize = None  # the kernel drops the log with the container
         self.container.close()
 
     # -- the kernel calls MappedSpace is built on ------------------------------------
@@ -255,6 +262,85 @@ class VfioBackend(MappedSpace):
 
     def _kunmap(self, iova: int, size: int) -> int:
         return self.container.unmap_dma(iova, size)
+
+    def _kunmap_logged(self, iova: int, size: int, segments: list[Segment]) -> int:
+        pgsize = self.dirty_pgsize
+        if pgsize is None:
+            return self.container.unmap_dma(iova, size)
+        # While logging, every unmap reads the removed range's bitmap with
+        # it: once a vfio_dma is gone, GET_BITMAP can no longer name its pages.
+        got, bitmap = self.container.unmap_dma_dirty(iova, size, pgsize)
+        self.dirty_removed += translate_runs(iova, bitmap_runs(bitmap, pgsize), segments)
+        return got
+
+    # -- the dirty log (type1, Linux >= 5.8) ------------------------------------------
+    def dirty_start(self) -> int:
+        """Start the kernel's dirty log; return its page size.
+
+        Raises :class:`~hostrelay.kernel.errors.VfioError` (ENOTSUP when the
+        kernel reports no migration capability, or what START answered).
+        """
+        pgsize = self.info.dirty_pgsize
+        if pgsize is None:
+            raise VfioError(errno.ENOTSUP, "VFIO_IOMMU_DIRTY_PAGES(START)", path=self.container.path,
+                            hint="the container reports no VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION")  # fmt: skip
+        self.container.dirty_start()
+        self.dirty_pgsize = pgsize
+        self.dirty_removed = []
+        return pgsize
+
+    def dirty_stop(self) -> None:
+        """Stop the kernel's dirty log (what it still held is dropped)."""
+        if self.dirty_pgsize is None:
+            return
+        self.dirty_pgsize = None
+        self.dirty_removed = []
+        if not self.container.closed:
+            self.container.dirty_stop()
+
+    def dirty_collect(self, mappings: list[Mapping]) -> list[tuple[int, int]]:
+        """GPA ranges the kernel says were written since the last call (or the start).
+
+        ``mappings`` are the guest mappings this container holds (its
+        domains' tables); with the identity pieces they are exactly its
+        ``vfio_dma`` entries.  GET_BITMAP is asked per IOVA-contiguous run of
+        entries because type1 refuses a range that starts or ends inside one
+        (Linux 6.12 ``vfio_iova_dirty_bitmap``: EINVAL), and each set bit is
+        translated through the entry holding it.  Ranges unmapped meanwhile
+        (read with their unmap) are included and then forgotten.
+        """
+        pgsize = self.dirty_pgsize
+        if pgsize is None:
+            raise RuntimeError(f"{self.label}: the kernel is not logging dirty pages")
+        entries: list[Segment] = []
+        for m in mappings:
+            for p in self._pieces(m):
+                entries.append((p.iova, p.iova + p.size - 1, m.phys + (p.iova - m.start)))
+        entries += [(p.iova, p.iova + p.size - 1, p.iova) for p in self._identity or ()]
+        entries.sort()
+        # The largest bitmap one call may fill (the capability's
+        # max_dirty_bitmap_size, 256 MiB on Linux 6.12): a run longer than
+        # that is split at an entry boundary.
+        limit_bytes = self.info.migration[1] if self.info.migration else 1 << 28
+        max_span = limit_bytes * 8 * pgsize
+        out: list[tuple[int, int]] = []
+        run: list[Segment] = []
+
+        def flush() -> None:
+            if run:
+                base, last = run[0][0], run[-1][1]
+                bitmap = self.container.dirty_bitmap(base, last - base + 1, pgsize)
+                out.extend(translate_runs(base, bitmap_runs(bitmap, pgsize), run))
+                run.clear()
+
+        for seg in entries:
+            if run and (run[-1][1] + 1 != seg[0] or seg[1] - run[0][0] + 1 > max_span):
+                flush()
+            run.append(seg)
+        flush()
+        out += self.dirty_removed
+        self.dirty_removed = []
+        return out
 
     def _in_ranges(self, iova: int, size: int) -> bool:
         return self.info.in_ranges(iova, size)

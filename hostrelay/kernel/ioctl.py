@@ -38,6 +38,9 @@ __all__ = [
     "device_get_info",
     "device_get_region_info",
     "device_reset",
+    "dirty_get_bitmap",
+    "dirty_start",
+    "dirty_stop",
     "get_api_version",
     "group_get_device_fd",
     "group_get_status",
@@ -48,6 +51,7 @@ __all__ = [
     "map_dma",
     "set_iommu",
     "unmap_dma",
+    "unmap_dma_dirty",
 ]
 
 
@@ -114,15 +118,20 @@ def device_reset(fd: int, path: str | None = None) -> None:
     _check(lib.hr_vfio_device_reset(fd), "VFIO_DEVICE_RESET", path=path, fd=fd)
 
 
-def iommu_get_info(fd: int, path: str | None = None) -> tuple[int, int, list[tuple[int, int]] | None, int | None, bool]:
-    """``(flags, iova_pgsizes, iova_ranges, dma_avail, has_migration_cap)`` of a container.
+def iommu_get_info(
+    fd: int, path: str | None = None
+) -> tuple[int, int, list[tuple[int, int]] | None, int | None, tuple[int, int] | None]:
+    """``(flags, iova_pgsizes, iova_ranges, dma_avail, migration)`` of a container.
 
     Grows the buffer to the ``argsz`` the kernel asks for (type1 raises argsz
     when the capabilities do not fit and leaves cap_offset 0, Linux >= 5.4) and
     asks again, then walks the chain by each header's ``next`` (an offset from
     the start of the buffer; records are 8-byte padded since Linux 6.6, so never
     step by sizeof).  ``iova_ranges`` (inclusive ends) and ``dma_avail`` are
-    ``None`` when the kernel does not report them.
+    ``None`` when the kernel does not report them; so is ``migration``, else
+    ``(pgsize_bitmap, max_dirty_bitmap_size)`` of the migration capability
+    (type1 reports it since Linux 5.8: the dirty-bitmap page sizes it accepts
+    and the largest bitmap in bytes one GET_BITMAP may fill).
     """
     size = int(ffi.sizeof("struct vfio_iommu_type1_info"))
     for _ in range(8):
@@ -136,7 +145,7 @@ def iommu_get_info(fd: int, path: str | None = None) -> tuple[int, int, list[tup
         raise vfio_error(71, "VFIO_IOMMU_GET_INFO", path=path, fd=fd)  # EPROTO: argsz never settled
     ranges: list[tuple[int, int]] | None = None
     dma_avail: int | None = None
-    migration = False
+    migration: tuple[int, int] | None = None
     offset = int(info.cap_offset) if info.flags & lib.VFIO_IOMMU_INFO_CAPS else 0
     seen: set[int] = set()
     hdr_size = int(ffi.sizeof("struct vfio_info_cap_header"))
@@ -149,7 +158,9 @@ def iommu_get_info(fd: int, path: str | None = None) -> tuple[int, int, list[tup
         elif hdr.id == lib.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL:
             dma_avail = int(ffi.cast("struct vfio_iommu_type1_info_dma_avail *", buf + offset).avail)
         elif hdr.id == lib.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION:
-            migration = True
+            mig = ffi.cast("struct vfio_iommu_type1_info_cap_migration *", buf + offset)
+            if offset + ffi.sizeof("struct vfio_iommu_type1_info_cap_migration") <= size:
+                migration = (int(mig.pgsize_bitmap), int(mig.max_dirty_bitmap_size))
         offset = int(hdr.next)
     return int(info.flags), int(info.iova_pgsizes), ranges, dma_avail, migration
 
@@ -165,6 +176,63 @@ def unmap_dma(fd: int, iova: int, size: int, flags: int = 0, path: str | None = 
         lib.hr_vfio_unmap_dma(fd, flags, iova, size, out), "VFIO_IOMMU_UNMAP_DMA", path=path, fd=fd, iova=iova, size=size
     )
     return int(out[0])
+
+
+# --- dirty page logging (type1, Linux >= 5.8) --------------------------------------
+
+
+def dirty_start(fd: int, path: str | None = None) -> None:
+    """``VFIO_IOMMU_DIRTY_PAGES`` with ``_FLAG_START``: the container starts logging."""
+    _check(lib.hr_vfio_dirty_pages(fd, lib.VFIO_IOMMU_DIRTY_PAGES_FLAG_START), "VFIO_IOMMU_DIRTY_PAGES(START)",
+           path=path, fd=fd)  # fmt: skip
+
+
+def dirty_stop(fd: int, path: str | None = None) -> None:
+    """``VFIO_IOMMU_DIRTY_PAGES`` with ``_FLAG_STOP``: logging ends, the kernel frees its bitmaps."""
+    _check(lib.hr_vfio_dirty_pages(fd, lib.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP), "VFIO_IOMMU_DIRTY_PAGES(STOP)",
+           path=path, fd=fd)  # fmt: skip
+
+
+def bitmap_bytes(size: int, pgsize: int) -> int:
+    """Bytes of the bitmap for ``size`` bytes at ``pgsize``: whole u64 words.
+
+    The kernel's ``DIRTY_BITMAP_BYTES`` (Linux 6.12 vfio_iommu_type1.c) rounds
+    the page count up to a multiple of 64 and ``verify_bitmap_size`` refuses a
+    smaller buffer with EINVAL.
+    """
+    pages = -(-size // pgsize)
+    return -(-pages // 64) * 8
+
+
+def dirty_get_bitmap(fd: int, iova: int, size: int, pgsize: int, path: str | None = None) -> bytes:
+    """``_FLAG_GET_BITMAP`` of ``[iova, iova+size)``: bit ``i`` (LSB first) is page ``iova + i*pgsize``.
+
+    type1 (Linux 6.12 ``vfio_iova_dirty_bitmap``) refuses with EINVAL a range
+    that starts or ends inside a mapping, a ``pgsize`` other than the
+    container's smallest page, or a call while logging is off.
+    """
+    n = bitmap_bytes(size, pgsize)
+    buf = ffi.new("uint64_t[]", max(n // 8, 1))
+    _check(lib.hr_vfio_dirty_get_bitmap(fd, iova, size, pgsize, buf, n), "VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP)",
+           path=path, fd=fd, iova=iova, size=size)  # fmt: skip
+    return bytes(ffi.buffer(buf, n))
+
+
+def unmap_dma_dirty(fd: int, iova: int, size: int, pgsize: int, path: str | None = None) -> tuple[int, bytes]:
+    """``VFIO_IOMMU_UNMAP_DMA`` with ``VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP``: ``(bytes unmapped, bitmap)``.
+
+    The bitmap is read under the same ``iommu->lock`` as the unmap (Linux
+    6.12 ``vfio_dma_do_unmap`` calls ``update_user_bitmap`` for each removed
+    ``vfio_dma`` before ``vfio_remove_dma``), so nothing dirtied before the
+    unmap is lost; bit ``i`` is page ``iova + i*pgsize``.  EINVAL unless
+    logging is on and ``pgsize`` is the container's smallest page.
+    """
+    n = bitmap_bytes(size, pgsize)
+    buf = ffi.new("uint64_t[]", max(n // 8, 1))
+    out = ffi.new("uint64_t *")
+    _check(lib.hr_vfio_unmap_dma_dirty(fd, iova, size, pgsize, buf, n, out), "VFIO_IOMMU_UNMAP_DMA(GET_DIRTY_BITMAP)",
+           path=path, fd=fd, iova=iova, size=size)  # fmt: skip
+    return int(out[0]), bytes(ffi.buffer(buf, n))
 
 
 def bench_map_unmap(fd: int, vaddr: int, iova: int, size: int, count: int, spread: int = 1) -> None:
@@ -216,6 +284,9 @@ class Op(enum.IntFlag):
     DEVICE_DETACH = lib.HR_VFIO_OP_DEVICE_DETACH
     GET_HW_INFO = lib.HR_VFIO_OP_GET_HW_INFO
     OPTION = lib.HR_VFIO_OP_OPTION
+    # Dirty page logging (type1): START/STOP/GET_BITMAP, and UNMAP_DMA with the bitmap.
+    DIRTY_PAGES = lib.HR_VFIO_OP_DIRTY_PAGES
+    UNMAP_DMA_DIRTY = lib.HR_VFIO_OP_UNMAP_DMA_DIRTY
     ALL = lib.HR_VFIO_OP_ALL
 
 

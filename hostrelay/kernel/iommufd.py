@@ -25,7 +25,7 @@ from hostrelay._native import ffi, lib
 from hostrelay.kernel.errors import VfioError, vfio_error
 from hostrelay.kernel.vfio import DEFAULT_SYSFS_ROOT, Device, IovaRange
 
-__all__ = ["AVAILABLE", "DEFAULT_IOMMU", "HwInfo", "Ioas", "Iommufd", "IommufdDevice", "cdev_of"]
+__all__ = ["AVAILABLE", "DEFAULT_IOMMU", "HW_CAP_DIRTY_TRACKING", "HwInfo", "Ioas", "Iommufd", "IommufdDevice", "cdev_of"]
 
 #: True if the extension was built with the iommufd uapi.
 AVAILABLE: bool = hasattr(lib, "hr_iommufd_ioas_alloc")
@@ -50,6 +50,11 @@ def _option(fd: int, option_id: int, op: int, object_id: int, value: int = 0) ->
     val = ffi.new("uint64_t *", value)
     _check(lib.hr_iommufd_option(fd, option_id, op, object_id, val), "IOMMU_OPTION", fd=fd)
     return int(val[0])
+
+
+#: ``IOMMU_HW_CAP_DIRTY_TRACKING`` of ``IOMMU_GET_HW_INFO`` ``out_capabilities``
+#: (Linux >= 6.7); 0 in a build without the iommufd uapi, which has no devices.
+HW_CAP_DIRTY_TRACKING: int = int(getattr(lib, "IOMMU_HW_CAP_DIRTY_TRACKING", 0))
 
 
 @dataclass(frozen=True)

@@ -78,14 +78,30 @@ class IommuInfo:
 
     ``iova_ranges`` is empty when the kernel reported none (then nothing is
     known, not nothing is usable); ``dma_avail`` is ``None`` when the kernel
-    has no DMA_AVAIL capability (before Linux 5.10).
+    has no DMA_AVAIL capability (before Linux 5.10).  ``migration`` is the
+    migration capability's ``(pgsize_bitmap, max_dirty_bitmap_size)``, or
+    ``None`` when the kernel has no dirty page logging (before Linux 5.8).
     """
 
     flags: int
     iova_pgsizes: int
     iova_ranges: tuple[IovaRange, ...]
     dma_avail: int | None
-    migration: bool
+    migration: tuple[int, int] | None
+
+    @property
+    def dirty_pgsize(self) -> int | None:
+        """The page size dirty bitmaps are asked in, or ``None`` if the kernel logs none.
+
+        The smallest page both of ``iova_pgsizes`` and of the capability's
+        ``pgsize_bitmap``; type1 takes only its smallest IOMMU page there
+        (Linux 6.12: GET_BITMAP and UNMAP's bitmap are EINVAL with another),
+        which is what its capability reports.
+        """
+        if not self.migration:
+            return None
+        both = self.iova_pgsizes & self.migration[0]
+        return both & -both if both else None
 
     @property
     def granule(self) -> int:
@@ -239,6 +255,23 @@ class Container:
         EINVAL and removes nothing; holes are fine; no mapping at all → 0.
         """
         return k.unmap_dma(self._require_open(), iova, size, 0, self.path)
+
+    # -- dirty page logging (Linux >= 5.8) ---------------------------------------
+    def dirty_start(self) -> None:
+        """Start the container's dirty page log (``VFIO_IOMMU_DIRTY_PAGES_FLAG_START``)."""
+        k.dirty_start(self._require_open(), self.path)
+
+    def dirty_stop(self) -> None:
+        """Stop it (``_FLAG_STOP``); the kernel frees its bitmaps."""
+        k.dirty_stop(self._require_open(), self.path)
+
+    def dirty_bitmap(self, iova: int, size: int, pgsize: int) -> bytes:
+        """The dirty bitmap of ``[iova, iova+size)``, which must cover whole mappings (``_FLAG_GET_BITMAP``)."""
+        return k.dirty_get_bitmap(self._require_open(), iova, size, pgsize, self.path)
+
+    def unmap_dma_dirty(self, iova: int, size: int, pgsize: int) -> tuple[int, bytes]:
+        """:meth:`unmap_dma` that also returns the removed range's dirty bitmap, read atomically with it."""
+        return k.unmap_dma_dirty(self._require_open(), iova, size, pgsize, self.path)
 
     def unmap_all(self) -> int:
         """Unmap everything (``VFIO_DMA_UNMAP_FLAG_ALL``, Linux >= 5.12); return the bytes unmapped."""
