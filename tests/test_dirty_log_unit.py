@@ -352,3 +352,42 @@ def test_fast_path_is_restored(mem: GuestMemory) -> None:
     assert r._dp.force_custom
     r.stop_dirty_log()
     assert not r._dp.force_custom
+
+
+def test_type1_identity_map_is_logged_and_read_at_its_removal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              mem: GuestMemory) -> None:  # fmt: skip
+    kern, dev, sysfs = _fake_fixture(tmp_path, monkeypatch, FakeType1())
+    r = Relay(mem, bypass=True)
+    r.add_vfio_endpoint(1, "0000:00:03.0", dev_root=dev, sysfs_root=sysfs)
+    fd = r.vfio_backend(1).container.fd
+    assert kern.dmas[fd] == {0: 4 * MIB, 4 * MIB: 4 * MIB}, "guest RAM at IOVA = GPA, one entry per region"
+    r.start_dirty_log()
+    kern.write(fd, 0x3000)
+    kern.write(fd, 5 * MIB)
+    assert r.dirty_pages() == [(0x3000, PAGE), (5 * MIB, PAGE)]
+    assert kern.gets == [(0, 8 * MIB)], "the two identity pieces are one IOVA-contiguous run"
+    # ATTACH to a normal domain removes the identity map: read with its unmap.
+    kern.write(fd, 0x7000)
+    assert send(r, AttachRequest(1, 1)) == Status.OK
+    assert kern.dmas[fd] == {} and kern.dirty_unmaps == 2
+    assert r.dirty_pages() == [(0x7000, PAGE)]
+    r.stop_dirty_log()
+    r.close()
+
+
+def test_untracked_type1_in_bypass_reports_all_ram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   mem: GuestMemory) -> None:  # fmt: skip
+    kern, dev, sysfs = _fake_fixture(tmp_path, monkeypatch, FakeType1(migration=False))
+    r = Relay(mem, bypass=False)
+    r.add_vfio_endpoint(1, "0000:00:03.0", dev_root=dev, sysfs_root=sysfs)
+    r.start_dirty_log()
+    assert r.dirty_pages() == [], "unattached, bypass 0: the device reaches nothing"
+    # Config bypass comes and goes between two calls: the device could
+    # write all of guest RAM meanwhile.
+    r.write_config(36, b"\x01")
+    r.write_config(36, b"\x00")
+    assert kern.dmas[r.vfio_backend(1).container.fd] == {}
+    assert r.dirty_pages() == [(0, 8 * MIB)]
+    assert r.dirty_pages() == []
+    r.stop_dirty_log()
+    r.close()

@@ -121,6 +121,8 @@ class FanOutAddressSpace:
             # domain, bypass 0).  set_identity is all or nothing itself.
             try:
                 set_identity(bypass)
+                if bypass and self.dirty is not None:
+                    self.dirty.exposed(None, backend)  # all of guest RAM now
             except BaseException as exc:
                 self.report(backend, exc, "DETACH (bypass identity map)", 0, write=True)
                 if unmapped:
@@ -140,6 +142,8 @@ class FanOutAddressSpace:
             return
         try:
             set_identity(bypass)
+            if bypass and self.dirty is not None:
+                self.dirty.exposed(None, backend)  # all of guest RAM now
         except Exception as exc:
             self.report(backend, exc, "bypass identity map" if bypass else "bypass identity unmap", 0, write=True)
 

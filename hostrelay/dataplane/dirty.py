@@ -192,6 +192,8 @@ class DirtyLog:
         identity = self.identity()
         if identity is not None and any(g.attached is identity for g in self.iommufd.values()):
             return [(r.gpa, r.size) for r in self.memory.regions]
+        if any(b.identity_mapped and self._untracked(b) for b in self.vfio.values()):
+            return [(r.gpa, r.size) for r in self.memory.regions]
         return out
 
     # --- the report ----------------------------------------------------------------------

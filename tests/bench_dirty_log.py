@@ -1,0 +1,91 @@
+"""Benchmark: what a running dirty log costs a guest's MAP+UNMAP (type1).
+
+Not a test (pytest does not collect ``bench_*.py``).  Needs VFIO with an edu
+device (the testbed: ``hostrelay testbed run --edu 1 -- python tests/bench_dirty_log.py``).
+4 KiB MAP + UNMAP request pairs through ``handle_request`` on one type1
+container, with the log stopped (the C fast path) and running (every domain
+custom: C checks, the Python fan-out maps, and each unmap is
+``VFIO_IOMMU_UNMAP_DMA`` with ``VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP``).
+For context, the Python path alone: every domain custom as while logging,
+but no kernel log (plain UNMAP_DMA), which splits the cost into the path
+and the dirty bitmaps.  Rounds alternate so drift hits all alike; figures
+are the best round, the ratios the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from hostrelay.backends.memory import GuestMemory
+from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
+from hostrelay.host.binding import bind_vfio
+from hostrelay.host.sysfs import find_pci
+from hostrelay.host.udev import wait_for_vfio_node
+from hostrelay.kernel.vfio import group_of
+from hostrelay.model.wire import TAIL_SIZE, AttachRequest, MapRequest, UnmapRequest
+from hostrelay.relay import Relay
+
+PAGE = 0x1000
+
+
+def pairs(r: Relay, n: int) -> float:
+    """Seconds per MAP+UNMAP pair over ``n`` pairs cycling through 64 pages."""
+    maps = [MapRequest(1, 0x100000 + (i % 64) * PAGE, 0x100FFF + (i % 64) * PAGE, 0x200000 + (i % 64) * PAGE, 3).pack()
+            for i in range(64)]  # fmt: skip
+    unmaps = [UnmapRequest(1, 0x100000 + i * PAGE, 0x100FFF + i * PAGE).pack() for i in range(64)]
+    hr = r.handle_request
+    t = time.perf_counter()
+    for i in range(n):
+        if hr(maps[i % 64], TAIL_SIZE)[0] or hr(unmaps[i % 64], TAIL_SIZE)[0]:
+            raise RuntimeError("a request failed")
+    return (time.perf_counter() - t) / n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    bdfs = find_pci(VENDOR_ID, DEVICE_ID)
+    if not bdfs:
+        print("no edu devices: run inside `hostrelay testbed run --edu 1`", file=sys.stderr)
+        return 2
+    bind_vfio(bdfs[0])
+    wait_for_vfio_node(group_of(bdfs[0]))
+    with GuestMemory() as mem:
+        mem.add_region(0, 8 << 20)
+        r = Relay(mem, bypass=False)
+        try:
+            r.add_vfio_endpoint(1, bdfs[0])
+            if r.handle_request(AttachRequest(1, 1).pack(), TAIL_SIZE)[0]:
+                raise RuntimeError("ATTACH failed")
+            off, on, path, ratios, path_ratios = [], [], [], [], []
+            dp, dom = r._dp, r._topology.domains[1]
+            for _ in range(args.repeat):
+                a = pairs(r, args.pairs)
+                r.start_dirty_log()
+                b = pairs(r, args.pairs)
+                r.stop_dirty_log()
+                dp.force_custom = True  # the Python path without the kernel log
+                dp.update(dom)
+                c = pairs(r, args.pairs)
+                dp.force_custom = False
+                dp.update(dom)
+                off.append(a)
+                on.append(b)
+                path.append(c)
+                ratios.append(b / a)
+                path_ratios.append(c / a)
+            print(f"MAP+UNMAP pair, log stopped: {min(off) * 1e6:.2f} us; running: {min(on) * 1e6:.2f} us "
+                  f"({statistics.median(ratios):.2f}x); the Python path without the log: {min(path) * 1e6:.2f} us "
+                  f"({statistics.median(path_ratios):.2f}x) ({args.pairs} pairs, {args.repeat} rounds)")  # fmt: skip
+        finally:
+            r.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
