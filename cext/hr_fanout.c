@@ -18,6 +18,7 @@
 #include "hr_relay_int.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef HR_HAVE_IOMMUFD
@@ -187,6 +188,110 @@ static void remap_covered(hr_relay *r, struct hr_container *c, const hr_table *t
 	}
 }
 
+/* ------------------------------------------------------- the dirty log */
+
+/* Record that a device may have written [gpa, gpa+size): merged with the
+ * last record when adjacent (a run of pages, an UNMAP of adjacent
+ * mappings).  Past HR_DIRTY_MAX records, or without memory, the loss is
+ * flagged instead and the caller reports all guest RAM. */
+static void dirty_add(hr_relay *r, uint64_t gpa, uint64_t size)
+{
+	if (r->ndirty) {
+		struct hr_dirty_range *last = &r->dirty[r->ndirty - 1];
+		if (last->gpa + last->size == gpa) {
+			last->size += size;
+			return;
+		}
+	}
+	if (r->ndirty == r->capdirty) {
+		uint64_t cap = r->capdirty ? 2 * r->capdirty : 64;
+		struct hr_dirty_range *p = cap <= HR_DIRTY_MAX ? realloc(r->dirty, cap * sizeof(*p)) : NULL;
+		if (!p) {
+			r->dirty_lost = 1;
+			return;
+		}
+		r->dirty = p;
+		r->capdirty = cap;
+	}
+	r->dirty[r->ndirty++] = (struct hr_dirty_range){ .gpa = gpa, .size = size };
+}
+
+/* Unmap one mapping from a type1 container the kernel logs, reading its
+ * dirty bitmap with the unmap (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, Linux
+ * >= 5.8: atomic with it, so no write between the read and the unmap is
+ * lost), and record the GPA of each page the kernel names.  Linux 6.12's
+ * type1 names every page of a vfio-pci device's mapping (no pinned-page
+ * scope), which is what docs/dirty-log.md measured. */
+static int unmap_bitmap(hr_relay *r, struct hr_container *c, const struct hr_mapping *m, uint64_t *got)
+{
+	uint64_t pg = c->dirty_pgsize, size = m->end - m->start + 1;
+	uint64_t pages = size / pg + !!(size % pg), words = pages / 64 + !!(pages % 64);
+
+	if (words > r->capbits) {
+		uint64_t *p = realloc(r->dirty_bits, words * sizeof(*p));
+		if (!p) {
+			/* No room for the bitmap: unmap plainly, assume all written. */
+			int rc = c_unmap(c, m->start, size, got);
+			if (rc == 0 && (m->flags & HR_MAP_F_WRITE))
+				dirty_add(r, m->phys, size);
+			return rc;
+		}
+		r->dirty_bits = p;
+		r->capbits = words;
+	}
+	memset(r->dirty_bits, 0, words * sizeof(uint64_t));
+	int rc = hr_vfio_unmap_dma_dirty(c->fd, m->start, size, pg, r->dirty_bits, words * sizeof(uint64_t), got);
+	if (rc < 0)
+		return rc;
+	for (uint64_t w = 0; w < words; w++) {
+		for (uint64_t bits = r->dirty_bits[w]; bits; bits &= bits - 1) {
+			uint64_t off = (w * 64 + (uint64_t)__builtin_ctzll(bits)) * pg;
+			dirty_add(r, m->phys + off, off + pg <= size ? pg : size - off);
+		}
+	}
+	return 0;
+}
+
+/* An UNMAP's covered mappings of [vs, ve] out of c while the dirty log
+ * runs, one at a time (a bitmap for the whole extent of a sparse UNMAP
+ * could be huge), each recording what a device may have written through
+ * it: the kernel's bitmap where it logs c, every page of a writable
+ * mapping elsewhere (iommufd here has no dirty tracking; see
+ * docs/dirty-log.md).  All or nothing: on a failure what was removed is
+ * mapped again, so c is as the caller's rollback expects it. */
+static int unmap_logged(hr_relay *r, struct hr_container *c, const hr_table *t, uint64_t vs, uint64_t ve,
+			uint64_t *got)
+{
+	struct hr_mapping m;
+	uint64_t from = vs, total = 0;
+
+	while (hr_table_next(t, from, &m) && m.start <= ve) {
+		if (hr_in_containers(m.flags)) {
+			uint64_t size = m.end - m.start + 1, one = 0;
+			int rc;
+			if (c->kind == HR_CONT_TYPE1 && c->dirty_pgsize) {
+				rc = unmap_bitmap(r, c, &m, &one);
+			} else {
+				rc = c_unmap(c, m.start, size, &one);
+				if (rc == 0 && (m.flags & HR_MAP_F_WRITE))
+					dirty_add(r, m.phys, size);
+			}
+			if (rc < 0) {
+				if (m.start > vs)
+					remap_covered(r, c, t, vs, m.start - 1);
+				*got = 0;
+				return rc;
+			}
+			total += one;
+		}
+		if (m.end == UINT64_MAX)
+			break;
+		from = m.end + 1;
+	}
+	*got = total;
+	return 0;
+}
+
 int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struct hr_result *res)
 {
 	struct hr_domain *d = NULL;
@@ -237,7 +342,8 @@ int hr_relay_unmap(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, struc
 			 * vfio_dma inside it, iommufd every area inside it
 			 * (none straddles: the table refused that), and both
 			 * report the bytes they removed. */
-			rc = c_unmap(c, cv.first, cv.last - cv.first + 1, &got);
+			rc = __builtin_expect(r->dirty_on, 0) ? unmap_logged(r, c, d->table, vs, ve, &got)
+							       : c_unmap(c, cv.first, cv.last - cv.first + 1, &got);
 			if (rc < 0) {
 				for (uint32_t j = 0; j < i; j++) {
 					remap_covered(r, d->cont[j], d->table, vs, ve);
@@ -333,8 +439,8 @@ static int unmap_common(hr_relay *r, const struct hr_req *q, struct hr_result *r
 	uint64_t vs = q->start, ve = q->end, got = 0;
 	uint32_t domain = q->domain;
 
-	if (q->flags || ve < vs)
-		return -1;
+	if (q->flags || ve < vs || r->dirty_on)
+		return -1; /* the dirty log: hr_relay_unmap records what it removes */
 	struct hr_domain *d = hr_find_hot(r, domain);
 	if (!d || !d->plain)
 		return -1;

@@ -76,6 +76,8 @@ void hr_relay_free(hr_relay *r)
 		free(r->dom[i].cont);
 	}
 	free(r->dom);
+	free(r->dirty);
+	free(r->dirty_bits);
 	pthread_mutex_destroy(&r->lock);
 	free(r);
 }
@@ -348,4 +350,32 @@ uint64_t hr_relay_pinned(const hr_relay *r, int64_t domain, const uint64_t *extr
 	if (mapped)
 		*mapped = sum;
 	return total;
+}
+
+void hr_relay_dirty_set(hr_relay *r, int on)
+{
+	r->dirty_on = !!on;
+	r->ndirty = 0;
+	r->dirty_lost = 0;
+	if (!on) {
+		free(r->dirty);
+		free(r->dirty_bits);
+		r->dirty = NULL;
+		r->dirty_bits = NULL;
+		r->capdirty = r->capbits = 0;
+	}
+}
+
+uint64_t hr_relay_dirty_take(hr_relay *r, struct hr_dirty_range *out, uint64_t cap, uint32_t *lost)
+{
+	uint64_t n = r->ndirty < cap ? r->ndirty : cap;
+
+	if (n)
+		memcpy(out, r->dirty, n * sizeof(*out));
+	if (r->ndirty > n)
+		memmove(r->dirty, r->dirty + n, (r->ndirty - n) * sizeof(*out));
+	r->ndirty -= n;
+	*lost = r->dirty_lost;
+	r->dirty_lost = 0;
+	return n;
 }

@@ -69,10 +69,19 @@ struct hr_container {
 	uint64_t charged;        /* bytes the kernel charged to locked_vm for them */
 	uint32_t kind;           /* enum hr_container_kind */
 	uint32_t ioas;           /* HR_CONT_IOAS: the IOAS id */
+	/* The dirty log (hr_relay_dirty_set): type1's bitmap page size while
+	 * the kernel logs this container (VFIO_IOMMU_DIRTY_PAGES_FLAG_START
+	 * succeeded), else 0. */
+	uint64_t dirty_pgsize;
 	/* Tests make its ioctls fail through hr_vfio_fail_next (hr_vfio.h). */
 };
 
 typedef struct hr_relay hr_relay;
+
+/* A guest-physical range a device may have written (the dirty log). */
+struct hr_dirty_range {
+	uint64_t gpa, size;
+};
 
 hr_relay *hr_relay_new(void);
 void hr_relay_free(hr_relay *r);
@@ -91,6 +100,19 @@ void hr_relay_account(hr_relay *r, struct hr_container *c, int64_t pieces, int64
 int hr_relay_domain_set_custom(hr_relay *r, uint32_t id, int custom);
 int hr_relay_domain_set_containers(hr_relay *r, uint32_t id, struct hr_container *const *c,
                                    uint32_t n);
+
+/* The migration dirty log of the C paths (hostrelay/dataplane/dirty.py).
+ * While on, every UNMAP C carries out records what the devices may have
+ * written through the mappings it removes: for a type1 container with
+ * dirty_pgsize, the pages the kernel's bitmap names (read with the unmap);
+ * for any other container (iommufd, type1 untracked), every page of a
+ * writable mapping.  hr_relay_dirty_take hands the records over, oldest
+ * first, and returns how many; *lost is set (and cleared) if some could not
+ * be kept (out of memory, or more than HR_DIRTY_MAX ranges waiting): the
+ * caller must then assume all guest RAM dirty.  Lock held. */
+#define HR_DIRTY_MAX (1u << 20)
+void hr_relay_dirty_set(hr_relay *r, int on);
+uint64_t hr_relay_dirty_take(hr_relay *r, struct hr_dirty_range *out, uint64_t cap, uint32_t *lost);
 
 int hr_relay_map(hr_relay *r, uint32_t domain, uint64_t vs, uint64_t ve, uint64_t ps,
                  uint32_t flags, struct hr_result *res);

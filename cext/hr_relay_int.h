@@ -60,6 +60,13 @@ struct hr_relay {
 	pthread_mutex_t lock;  /* the relay's one lock (hr_relay_lock) */
 	struct hr_domain *hot; /* the domain the last request named (hr_find_hot), or NULL */
 	const struct hr_gmem_region *ghot; /* the slot of mem.r the last MAP used (hr_piece) */
+	/* The dirty log (hr_relay_dirty_set): on, what UNMAP recorded, and the
+	 * bitmap the kernel fills with an unmap (u64 words). */
+	uint32_t dirty_on, dirty_lost;
+	struct hr_dirty_range *dirty;
+	uint64_t ndirty, capdirty;
+	uint64_t *dirty_bits;
+	uint64_t capbits;
 };
 
 /* A plain MAP/UNMAP (the readable part exactly head + body, the writable

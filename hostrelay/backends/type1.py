@@ -286,6 +286,7 @@ class VfioBackend(MappedSpace):
                             hint="the container reports no VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION")  # fmt: skip
         self.container.dirty_start()
         self.dirty_pgsize = pgsize
+        self.c.dirty_pgsize = pgsize  # the C UNMAP reads the bitmap with each unmap (cext/hr_fanout.c)
         self.dirty_removed = []
         return pgsize
 
@@ -294,6 +295,7 @@ class VfioBackend(MappedSpace):
         if self.dirty_pgsize is None:
             return
         self.dirty_pgsize = None
+        self.c.dirty_pgsize = 0
         self.dirty_removed = []
         if not self.container.closed:
             self.container.dirty_stop()

@@ -9,18 +9,21 @@
   container's ``vfio_dma`` entries and translated through the domain's table
   (:meth:`hostrelay.backends.type1.VfioBackend.dirty_collect`).  Mappings
   removed meanwhile are read with their unmap
-  (``VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP``): while the log runs every domain
-  is *custom* in C (:attr:`DataPlane.force_custom`), so C checks each MAP/UNMAP
-  and the Python fan-out carries it out, where the IOVA -> GPA of each removed
-  run is known.  The fast path comes back at :meth:`stop`.
+  (``VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP``), wherever the unmap happens: a
+  guest UNMAP in the C data plane, which records the GPAs of the pages the
+  bitmap names (``hr_relay_dirty_set``, cext/hr_fanout.c) for
+  :meth:`dirty_pages` to take, so MAP and UNMAP keep their C paths while the
+  log runs; a DETACH or a bypass identity map removed in the Python
+  fan-out (``MappedSpace._kunmap_logged``).
 - **emulated endpoints**: every :meth:`~hostrelay.relay.Relay.translate`
   with ``write=True`` (:meth:`note_write`) -- the relay handed out exactly
   that range.
 - **untracked spaces** (iommufd IOASes, a type1 container without the
   capability, a VMM's own backends): every page a device there could write
   since the previous call: the writable mappings of their domains now and at
-  the previous call, every writable mapping made meanwhile, the domains they
-  joined meanwhile, and all of guest RAM while one is in bypass.
+  the previous call, every writable mapping made meanwhile (the C UNMAP
+  records each one it removes; the Python fan-out each one it maps), the
+  domains they joined meanwhile, and all of guest RAM while one is in bypass.
 
 Everything here runs under the relay's lock.
 """
@@ -31,6 +34,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hostrelay._native import ffi, lib
 from hostrelay.backends.iommufd import IommufdGroup
 from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.type1 import VfioBackend
@@ -49,6 +53,7 @@ __all__ = ["DirtyLog", "iommufd_reason"]
 log = logging.getLogger("hostrelay.relay")
 
 _W = int(MapFlag.WRITE)
+_TAKE = 4096  # C records taken per call
 
 
 def iommufd_reason(caps: list[int]) -> str:
@@ -135,7 +140,7 @@ class DirtyLog:
         self._emulated = []
         self._exposed = self._exposure_now()
         self.fanout.dirty = self
-        self._set_custom(True)
+        lib.hr_relay_dirty_set(self.dp.c, 1)
         return self.status
 
     def stop(self) -> None:
@@ -144,7 +149,7 @@ class DirtyLog:
             raise RuntimeError("the dirty log is not running")
         self.active = False
         self.fanout.dirty = None
-        self._set_custom(False)
+        lib.hr_relay_dirty_set(self.dp.c, 0)
         for b in self._tracked:
             try:
                 b.dirty_stop()
@@ -153,11 +158,6 @@ class DirtyLog:
         self._tracked = []
         self._emulated = []
         self._exposed = []
-
-    def _set_custom(self, on: bool) -> None:
-        self.dp.force_custom = on
-        for dom in self.topology.domains.values():
-            self.dp.update(dom)
 
     # --- what happens meanwhile ----------------------------------------------------------
 
@@ -212,4 +212,19 @@ class DirtyLog:
         self._exposed = now
         out += self._emulated
         self._emulated = []
+        out += self._take_c()
         return merge_pages(out)
+
+    def _take_c(self) -> list[tuple[int, int]]:
+        """What the C UNMAP recorded since the previous call (all guest RAM if it lost some)."""
+        buf = ffi.new("struct hr_dirty_range[]", _TAKE)
+        lost = ffi.new("uint32_t *")
+        out: list[tuple[int, int]] = []
+        while True:
+            n = int(lib.hr_relay_dirty_take(self.dp.c, buf, _TAKE, lost))
+            out += [(int(buf[i].gpa), int(buf[i].size)) for i in range(n)]
+            if lost[0]:
+                log.warning("dirty log: the C records overflowed; reporting all guest RAM")
+                out += [(r.gpa, r.size) for r in self.memory.regions]
+            if n < _TAKE:
+                return out
