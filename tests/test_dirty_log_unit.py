@@ -9,7 +9,6 @@ read with UNMAP).  The proof against the real kernel is tests/test_dirty_log.py.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from hostrelay.kernel import ioctl as k
 from hostrelay.kernel.errors import vfio_error
 from hostrelay.model.dirty import bitmap_runs, merge_pages, translate_runs
 from hostrelay.model.status import TranslationFault
+from fake_vfio import fake_vfio_host
 from hostrelay.model.wire import TAIL_SIZE, AttachRequest, DetachRequest, MapRequest, Status, UnmapRequest
 
 PAGE = 0x1000
@@ -241,34 +241,8 @@ class FakeType1:
 
 
 def _fake_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kern: FakeType1) -> tuple[FakeType1, Path, Path]:
-    # The C data plane issues its ioctls itself, past this seam: treating the
-    # containers as Python-driven sends every MAP/UNMAP through the fake (the
-    # path every domain takes while the log runs anyway).
-    import hostrelay.dataplane.handle as handle
-
-    monkeypatch.setattr(handle, "is_native", lambda b: False)
-    dev = tmp_path / "dev"
-    sysfs = tmp_path / "sys"
-    dev.mkdir()
-    (dev / "vfio").touch()
-    for bdf, group in BDFS.items():
-        (dev / str(group)).touch()
-        g = sysfs / "kernel" / "iommu_groups" / str(group)
-        g.mkdir(parents=True, exist_ok=True)
-        (g / "reserved_regions").write_text("")
-        d = sysfs / "bus" / "pci" / "devices" / bdf
-        d.mkdir(parents=True)
-        os.symlink(g, d / "iommu_group")
-    monkeypatch.setattr(k, "get_api_version", lambda fd, path=None: k.const("VFIO_API_VERSION"))
-    monkeypatch.setattr(k, "check_extension", lambda fd, ext, path=None: 1)
-    monkeypatch.setattr(k, "group_get_status", lambda fd, path=None: k.const("VFIO_GROUP_FLAGS_VIABLE"))
-    monkeypatch.setattr(k, "group_set_container", lambda g, c, path=None: None)
-    monkeypatch.setattr(k, "set_iommu", lambda fd, t, path=None: None)
-    monkeypatch.setattr(k, "group_get_device_fd", lambda g, name, path=None: os.open(dev / "vfio", os.O_RDWR))
-    monkeypatch.setattr(k, "device_get_info", lambda fd, path=None: (0, 9, 5))
-    for name in ("iommu_get_info", "map_dma", "unmap_dma", "dirty_start", "dirty_stop", "dirty_get_bitmap",
-                 "unmap_dma_dirty"):  # fmt: skip
-        monkeypatch.setattr(k, name, getattr(kern, name))
+    ops = ("iommu_get_info", "map_dma", "unmap_dma", "dirty_start", "dirty_stop", "dirty_get_bitmap", "unmap_dma_dirty")
+    dev, sysfs = fake_vfio_host(tmp_path, monkeypatch, BDFS, kern, ops)
     return kern, dev, sysfs
 
 

@@ -289,8 +289,8 @@ def test_fuzzed_blobs_never_map_anything_invalid_in_the_kernel(memory: GuestMemo
         want = {d.id: list(d.mappings) for d in state.domains}
         assert {d: r2.mappings(d) for d in r2.domain_ids()} == want, f"blob {n}"
         for ep in (EP_A, EP_B):
-            dom = r2.endpoint_domain(ep)
-            table = sum(m.size for m in want[dom] if not m.flags & MapFlag.MMIO) if dom is not None else 0
+            where = r2.endpoint_domain(ep)
+            table = sum(m.size for m in want[where] if not m.flags & MapFlag.MMIO) if where is not None else 0
             assert r2.vfio_backend(ep).unmap_all() == table, f"blob {n}: the kernel holds other than the table"
         r2.close()
         r2 = fresh()

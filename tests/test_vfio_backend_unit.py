@@ -17,6 +17,7 @@ import pytest
 from hostrelay import GuestMemory, Relay
 from hostrelay.kernel import ioctl as k
 from hostrelay.kernel.errors import vfio_error
+from fake_vfio import fake_vfio_host
 from hostrelay.model.wire import TAIL_SIZE, AttachRequest, MapRequest, ResvMemType, Status, UnmapRequest
 
 PAGE = 0x1000
@@ -62,36 +63,10 @@ class FakeKernel:
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeKernel, Path, Path]]:
-    # The C data plane issues its ioctls itself, past this fake seam; treating
-    # the containers as Python-driven backends sends every MAP/UNMAP through
-    # the kernel seam (the path custom backends take), which is what these pin.  The
-    # C path is proven against the real kernel in tests/test_vfio_relay.py.
-    import hostrelay.dataplane.handle as relay_module
-
-    monkeypatch.setattr(relay_module, "is_native", lambda b: False)
     kern = FakeKernel()
-    dev = tmp_path / "dev"
-    sysfs = tmp_path / "sys"
-    dev.mkdir()
-    (dev / "vfio").touch()
-    for bdf, group in BDFS.items():
-        (dev / str(group)).touch()
-        g = sysfs / "kernel" / "iommu_groups" / str(group)
-        g.mkdir(parents=True, exist_ok=True)
-        (g / "reserved_regions").write_text("0x00000000fee00000 0x00000000feefffff msi\n0x00000000000a0000 0x00000000000bffff direct\n")
-        d = sysfs / "bus" / "pci" / "devices" / bdf
-        d.mkdir(parents=True)
-        os.symlink(g, d / "iommu_group")
-    monkeypatch.setattr(k, "get_api_version", lambda fd, path=None: k.const("VFIO_API_VERSION"))
-    monkeypatch.setattr(k, "check_extension", lambda fd, ext, path=None: 1)
-    monkeypatch.setattr(k, "group_get_status", lambda fd, path=None: k.const("VFIO_GROUP_FLAGS_VIABLE"))
-    monkeypatch.setattr(k, "group_set_container", lambda g, c, path=None: None)
-    monkeypatch.setattr(k, "set_iommu", lambda fd, t, path=None: None)
-    monkeypatch.setattr(k, "group_get_device_fd", lambda g, name, path=None: os.open(dev / "vfio", os.O_RDWR))
-    monkeypatch.setattr(k, "device_get_info", lambda fd, path=None: (0, 9, 5))
-    monkeypatch.setattr(k, "iommu_get_info", kern.iommu_get_info)
-    monkeypatch.setattr(k, "map_dma", kern.map_dma)
-    monkeypatch.setattr(k, "unmap_dma", kern.unmap_dma)
+    reserved = "0x00000000fee00000 0x00000000feefffff msi\n0x00000000000a0000 0x00000000000bffff direct\n"
+    dev, sysfs = fake_vfio_host(tmp_path, monkeypatch, BDFS, kern, ("iommu_get_info", "map_dma", "unmap_dma"),
+                                reserved=reserved)  # fmt: skip
     yield kern, dev, sysfs
 
 
