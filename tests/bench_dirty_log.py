@@ -3,13 +3,16 @@
 Not a test (pytest does not collect ``bench_*.py``).  Needs VFIO with an edu
 device (the testbed: ``hostrelay testbed run --edu 1 -- python tests/bench_dirty_log.py``).
 4 KiB MAP + UNMAP request pairs through ``handle_request`` on one type1
-container, with the log stopped (the C fast path) and running (every domain
-custom: C checks, the Python fan-out maps, and each unmap is
-``VFIO_IOMMU_UNMAP_DMA`` with ``VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP``).
-For context, the Python path alone: every domain custom as while logging,
-but no kernel log (plain UNMAP_DMA), which splits the cost into the path
-and the dirty bitmaps.  Rounds alternate so drift hits all alike; figures
+container, with the log stopped and running (the C path either way; while
+logging each unmap is ``VFIO_IOMMU_UNMAP_DMA`` with
+``VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP``, its bits translated to GPAs in C).
+For context, the Python fan-out path (every domain forced custom, no kernel
+log), which the log once took.  Rounds alternate so drift hits all alike; figures
 are the best round, the ratios the median of the per-round ratios.
+
+Measured (``hostrelay testbed run -q --iommufd --icount --edu 2 -- python
+tests/bench_dirty_log.py --repeat 3``, Linux 6.12.95): stopped 10.86 us a
+pair, running 11.45 us (1.05x); the Python path 301.39 us (27.75x).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def main() -> int:
                 ratios.append(b / a)
                 path_ratios.append(c / a)
             print(f"MAP+UNMAP pair, log stopped: {min(off) * 1e6:.2f} us; running: {min(on) * 1e6:.2f} us "
-                  f"({statistics.median(ratios):.2f}x); the Python path without the log: {min(path) * 1e6:.2f} us "
+                  f"({statistics.median(ratios):.2f}x); the Python fan-out path: {min(path) * 1e6:.2f} us "
                   f"({statistics.median(path_ratios):.2f}x) ({args.pairs} pairs, {args.repeat} rounds)")  # fmt: skip
         finally:
             r.close()

@@ -15,6 +15,24 @@ and guest memory.  Printed: the state's size, save and restore time, and
 restore / baseline (what a restore costs against the guest making the same
 mappings again).  An emulated-only relay (no kernel) gives the codec and
 table share.  Each figure is the best of ``--repeat`` rounds.
+
+Measured (``hostrelay testbed run -q --iommufd --icount --edu 2 -- python
+tests/bench_state.py``, Linux 6.12.95, guest-instruction time):
+
+=========  ========  =========  ========  =========  ==============
+backend    mappings  state      save      restore    restore / MAPs
+=========  ========  =========  ========  =========  ==============
+emulated      1 000     32 826   1.90 ms    2.74 ms           1.10x
+emulated    100 000  3 200 836    156 ms     188 ms           0.74x
+type1         1 000     32 826   1.87 ms    7.69 ms           1.02x
+type1       100 000  3 200 836    155 ms     716 ms           0.92x
+iommufd       1 000     32 840   1.86 ms   10.28 ms           1.05x
+iommufd     100 000  3 200 850    155 ms     935 ms           0.94x
+=========  ========  =========  ========  =========  ==============
+
+A restore costs what the guest's own MAPs cost (the same C checks and
+ioctls, without a request to decode each time); a save is ~1.6 us a mapping
+(export in C, the SHA-256 of 3.2 MB).
 """
 
 from __future__ import annotations

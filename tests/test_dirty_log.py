@@ -154,7 +154,7 @@ def test_iommufd_is_untracked_with_the_reason(memory: GuestMemory, edu_bdfs: lis
         # if hostrelay allocated one with IOMMU_HWPT_ALLOC_DIRTY_TRACKING.
         assert caps == 0 and "no IOMMU_HW_CAP_DIRTY_TRACKING" in s.reason
         assert r.dirty_pages() == [(0x200000, 3 * PAGE)], "every writable mapped page"
-        # MAP during the log (the Python path) works and is reported; so is
+        # MAP during the log (the C path) works and is reported; so is
         # a mapping that is gone by the next call.
         assert send(r, MapRequest(1, 0x120000, 0x120FFF, 0x400000, RW)) == Status.OK
         a.load(0x100000, 0x200000)
