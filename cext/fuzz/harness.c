@@ -118,6 +118,22 @@ int hr_vfio_unmap_dma(int fd, uint32_t flags, uint64_t iova, uint64_t size, uint
 	return 0;
 }
 
+/* UNMAP with VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP (the dirty log): as a
+ * plain unmap, every page reported dirty, as Linux 6.12's type1 does for a
+ * vfio-pci device (no pinned-page scope). */
+int hr_vfio_unmap_dma_dirty(int fd, uint64_t iova, uint64_t size, uint64_t pgsize, uint64_t *bitmap,
+			    uint64_t bitmap_size, uint64_t *unmapped)
+{
+	if (!pgsize || size / pgsize > bitmap_size * 8)
+		return -EINVAL;
+	int rc = hr_vfio_unmap_dma(fd, 0, iova, size, unmapped);
+	if (rc)
+		return rc;
+	for (uint64_t i = 0; i < size / pgsize; i++)
+		bitmap[i / 64] |= 1ull << (i % 64);
+	return 0;
+}
+
 #ifdef HR_HAVE_IOMMUFD
 #include "hr_iommufd.h"
 
