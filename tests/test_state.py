@@ -8,9 +8,11 @@ the fuzzing, where thousands of restores must be cheap.
 from __future__ import annotations
 
 import errno
+import json
 import random
 import struct
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -359,3 +361,23 @@ def test_the_c_record_check_agrees_with_the_python_one() -> None:
             raw[rng.randrange(len(raw) // 32) * 32 + 29] = 1  # padding
         view = memoryview(bytes(raw))
         assert _check_records(view, len(ms)) == st.check_records(view, len(ms)), ms
+
+
+def test_state_show_checks_a_blob_and_says_what_it_holds(memory: GuestMemory, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hostrelay.cli import main
+
+    r, _ = build(memory, mappings=6)
+    good, bad = tmp_path / "state.bin", tmp_path / "cut.bin"
+    blob = r.save_state()
+    good.write_bytes(blob)
+    bad.write_bytes(blob[:-5])
+    out = CliRunner().invoke(main, ["state", "show", str(good)])
+    assert out.exit_code == 0, out.output
+    assert "valid" in out.output and "domain 1: endpoints 0x8, 0x10; 6 mappings" in out.output
+    assert "queue 0: size 256, next avail 3, used 3" in out.output and "1 pending" in out.output
+    out = CliRunner().invoke(main, ["state", "show", "--json", str(good)])
+    assert out.exit_code == 0 and json.loads(out.output)["tables"]["mappings"]["count"] == 6 + 1 + 3
+    out = CliRunner().invoke(main, ["state", "show", str(bad)])
+    assert out.exit_code == 1 and "not a valid state: truncated" in out.output
