@@ -216,6 +216,18 @@ static void dirty_add(hr_relay *r, uint64_t gpa, uint64_t size)
 	r->dirty[r->ndirty++] = (struct hr_dirty_range){ .gpa = gpa, .size = size };
 }
 
+/* Unmap one mapping plainly and record every page of it as written if it
+ * was writable: what a space the kernel does not log must assume. */
+static int unmap_assumed(hr_relay *r, struct hr_container *c, const struct hr_mapping *m, uint64_t *got)
+{
+	uint64_t size = m->end - m->start + 1;
+	int rc = c_unmap(c, m->start, size, got);
+
+	if (rc == 0 && (m->flags & HR_MAP_F_WRITE))
+		dirty_add(r, m->phys, size);
+	return rc;
+}
+
 /* Unmap one mapping from a type1 container the kernel logs, reading its
  * dirty bitmap with the unmap (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, Linux
  * >= 5.8: atomic with it, so no write between the read and the unmap is
@@ -229,13 +241,8 @@ static int unmap_bitmap(hr_relay *r, struct hr_container *c, const struct hr_map
 
 	if (words > r->capbits) {
 		uint64_t *p = realloc(r->dirty_bits, words * sizeof(*p));
-		if (!p) {
-			/* No room for the bitmap: unmap plainly, assume all written. */
-			int rc = c_unmap(c, m->start, size, got);
-			if (rc == 0 && (m->flags & HR_MAP_F_WRITE))
-				dirty_add(r, m->phys, size);
-			return rc;
-		}
+		if (!p)
+			return unmap_assumed(r, c, m, got); /* no room for the bitmap */
 		r->dirty_bits = p;
 		r->capbits = words;
 	}
@@ -267,15 +274,9 @@ static int unmap_logged(hr_relay *r, struct hr_container *c, const hr_table *t, 
 
 	while (hr_table_next(t, from, &m) && m.start <= ve) {
 		if (hr_in_containers(m.flags)) {
-			uint64_t size = m.end - m.start + 1, one = 0;
-			int rc;
-			if (c->kind == HR_CONT_TYPE1 && c->dirty_pgsize) {
-				rc = unmap_bitmap(r, c, &m, &one);
-			} else {
-				rc = c_unmap(c, m.start, size, &one);
-				if (rc == 0 && (m.flags & HR_MAP_F_WRITE))
-					dirty_add(r, m.phys, size);
-			}
+			uint64_t one = 0;
+			int rc = c->kind == HR_CONT_TYPE1 && c->dirty_pgsize ? unmap_bitmap(r, c, &m, &one)
+									     : unmap_assumed(r, c, &m, &one);
 			if (rc < 0) {
 				if (m.start > vs)
 					remap_covered(r, c, t, vs, m.start - 1);

@@ -859,7 +859,6 @@ class Relay:
         with self._lock:
             return self._events.pop()
 
-
     # --- dirty log ---------------------------------------------------------------
 
     def start_dirty_log(self) -> DirtyLogStatus:
@@ -871,9 +870,8 @@ class Relay:
         (``VFIO_IOMMU_DIRTY_PAGES``); emulated endpoints: every
         :meth:`translate` with ``write=True``; anything else is untracked and
         :meth:`dirty_pages` reports every page its devices could write.
-        While the log runs MAP and UNMAP of every domain take the Python path
-        (each unmap of a type1 container reads its dirty bitmap with it), so
-        they are slower; :meth:`stop_dirty_log` restores the fast path.
+        MAP and UNMAP keep their C paths while the log runs (each unmap of a
+        logged type1 container reads its dirty bitmap with it, in C).
         ``docs/dirty-log.md`` says what a VMM does with it.  Raises
         :class:`RuntimeError` if it runs already.
         """

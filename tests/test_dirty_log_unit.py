@@ -319,12 +319,15 @@ def test_type1_without_migration_cap_is_untracked(tmp_path: Path, monkeypatch: p
 
 
 def test_the_c_paths_log_and_stop_logging(mem: GuestMemory) -> None:
-    """The log runs in C (no domain goes custom); an emulated domain's UNMAP records nothing there."""
+    """An emulated domain's MAP and UNMAP during the log record nothing (its writes come through translate).
+
+    That the VFIO UNMAP takes the C path while logging is shown against the
+    kernel in tests/test_dirty_log.py (the ioctl counts).
+    """
     r = Relay(mem, bypass=False)
     r.add_endpoint(7)
     assert send(r, AttachRequest(1, 7)) == Status.OK
     r.start_dirty_log()
-    assert not r._dp.force_custom
     assert send(r, MapRequest(1, 0x10000, 0x10FFF, 0x200000, RW)) == Status.OK
     assert send(r, UnmapRequest(1, 0x10000, 0x10FFF)) == Status.OK
     assert r.dirty_pages() == [], "no device wrote: an emulated endpoint's writes come through translate"

@@ -165,6 +165,10 @@ class DirtyLog:
         """An emulated endpoint was given ``[gpa, gpa + size)`` to write."""
         self._emulated.append((gpa, size))
 
+    def _all_ram(self) -> list[tuple[int, int]]:
+        """Every page of guest RAM: what a device in bypass could write."""
+        return [(r.gpa, r.size) for r in self.memory.regions]
+
     def _untracked(self, backend: Backend) -> bool:
         return not any(backend is t for t in self._tracked)
 
@@ -178,7 +182,7 @@ class DirtyLog:
         if not self._untracked(backend):
             return
         if domain is None or domain.bypass:
-            self._exposed += [(r.gpa, r.size) for r in self.memory.regions]
+            self._exposed += self._all_ram()
         else:
             self._exposed += [(m.phys, m.size) for m in domain.table if m.flags & _W]
 
@@ -187,13 +191,13 @@ class DirtyLog:
         for dom in self.topology.domains.values():
             if any(self._untracked(b) for b in dom.backends):
                 if dom.bypass:
-                    return [(r.gpa, r.size) for r in self.memory.regions]
+                    return self._all_ram()
                 out += [(m.phys, m.size) for m in dom.table if m.flags & _W]
         identity = self.identity()
         if identity is not None and any(g.attached is identity for g in self.iommufd.values()):
-            return [(r.gpa, r.size) for r in self.memory.regions]
+            return self._all_ram()
         if any(b.identity_mapped and self._untracked(b) for b in self.vfio.values()):
-            return [(r.gpa, r.size) for r in self.memory.regions]
+            return self._all_ram()
         return out
 
     # --- the report ----------------------------------------------------------------------
@@ -225,6 +229,6 @@ class DirtyLog:
             out += [(int(buf[i].gpa), int(buf[i].size)) for i in range(n)]
             if lost[0]:
                 log.warning("dirty log: the C records overflowed; reporting all guest RAM")
-                out += [(r.gpa, r.size) for r in self.memory.regions]
+                out += self._all_ram()
             if n < _TAKE:
                 return out

@@ -97,9 +97,6 @@ class DataPlane:
         # The same number for C (handle_request's native door); written only
         # by _set_fast_generation, with the attribute.
         self.fast_cell = array.array("q", [-1])
-        # While the dirty log runs every domain is custom (C checks, Python
-        # carries out), so each unmap can read its dirty bitmap with it.
-        self.force_custom = False
 
     def _set_fast_generation(self, gen: int) -> None:
         self.fast_generation = gen
@@ -169,7 +166,7 @@ class DataPlane:
         """Mirror a domain's reserved regions and containers into C."""
         pairs = [v for r in domain.resv for v in (r.start, r.end)]
         lib.hr_relay_domain_set_resv(self.c, domain.id, ffi.new("uint64_t[]", pairs or [0]), len(domain.resv))
-        custom = self.force_custom or not all(is_native(b) for b in domain.targets)
+        custom = not all(is_native(b) for b in domain.targets)
         lib.hr_relay_domain_set_custom(self.c, domain.id, int(custom))
         # Every container C can account for, even in a custom domain (where
         # C only checks and the caller fans out): the stats read them.

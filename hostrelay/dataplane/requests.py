@@ -113,11 +113,15 @@ class Requests:
         handle: Callable[[bytes | bytearray | memoryview, int], bytes] = door.handle_request
         return handle
 
-    def report_failure(self, res: Any) -> None:
-        """Log a kernel failure the C data plane reported and queue its fault events."""
+    def failure(self, res: Any) -> tuple[Any | None, Exception, str, int]:
+        """A kernel failure C reported: ``(backend, exception, what, iova)`` (:meth:`DataPlane.failure`)."""
         dom = self.topology.domains.get(int(res.domain))
         native = [b for b in dom.targets if is_native(b)] if dom is not None else []
-        b, exc, what, iova = self.dp.failure(res, native)
+        return self.dp.failure(res, native)
+
+    def report_failure(self, res: Any) -> None:
+        """Log a kernel failure the C data plane reported and queue its fault events."""
+        b, exc, what, iova = self.failure(res)
         if b is not None:
             self.topology.report(b, exc, what, iova, write=True)
         else:

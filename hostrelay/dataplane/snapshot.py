@@ -17,7 +17,6 @@ kernel holds nothing of the state.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +24,7 @@ from hostrelay._native import ffi, lib
 from hostrelay.backends.iommufd import IommufdGroup
 from hostrelay.backends.memory import GuestMemory
 from hostrelay.backends.type1 import VfioBackend
-from hostrelay.dataplane.handle import DataPlane, is_native
+from hostrelay.dataplane.handle import DataPlane
 from hostrelay.dataplane.table import MappingTable
 from hostrelay.dataplane.requests import Requests
 from hostrelay.dataplane.ring import Queues
@@ -35,7 +34,6 @@ from hostrelay.model.mapping import Mapping
 from hostrelay.model.ports import Backend
 from hostrelay.model.state import (
     KNOWN_MAP_FLAGS,
-    MAPPING_RECORD,
     MAPPING_SIZE,
     RECORD_PROBLEMS,
     ConfigState,
@@ -49,7 +47,7 @@ from hostrelay.model.state import (
 )
 from hostrelay.model.status import RelayError
 from hostrelay.model.topology import Topology
-from hostrelay.model.wire import AttachFlag, AttachRequest, MapFlag, Status
+from hostrelay.model.wire import AttachFlag, AttachRequest, Status
 
 __all__ = ["StateKeeper", "StateError"]
 
@@ -207,7 +205,7 @@ class StateKeeper:
                     self.topology.attach(AttachRequest(d.id, e, flags))
                 except RelayError as exc:
                     raise StateError(f"domain {d.id}: ATTACH of endpoint {e:#x} refused ({exc})") from None
-            self._restore_maps(d)
+            self._restore_maps(d, state.memory)
         self.events.records.extend(state.events)
         self.events.dropped = state.dropped_events
         for q in state.queues:
@@ -218,18 +216,17 @@ class StateKeeper:
                                  f"{q.used_idx}: this is not the guest memory the state was saved with")  # fmt: skip
             vq.broken = int(q.broken)
 
-    def _restore_maps(self, d: DomainState) -> None:
+    def _restore_maps(self, d: DomainState, saved_memory: Iterable[tuple[int, int]]) -> None:
         """Every mapping of ``d`` as its MAP made it: in C, one call for the lot (lock held)."""
-        dp, records, count = self.dp, d.records, d.count
+        dp, count = self.dp, d.count
         res = dp.result
+        view = ffi.from_buffer("uint8_t[]", d.records, require_writable=False)
         done = 0
         while done < count:
-            view = ffi.from_buffer("uint8_t[]", records, require_writable=False)
-            i = int(lib.hr_state_restore(dp.c, d.id, view + done * MAPPING_SIZE, count - done, res))
-            done += i
+            done += int(lib.hr_state_restore(dp.c, d.id, view + done * MAPPING_SIZE, count - done, res))
             if done == count:
                 return
-            m = Mapping(*_RECORD.unpack_from(records, done * MAPPING_SIZE))
+            m = d.mapping(done)
             status = int(res.status)
             if status == lib.HR_S_DEFER:
                 # A domain with a VMM's own backend: C checked it, Python carries it out.
@@ -239,15 +236,17 @@ class StateKeeper:
                     continue
                 raise StateError(f"domain {d.id}: mapping {_span(m)} refused with {Status(status).name}")
             raise StateError(f"domain {d.id}: mapping {_span(m)} -> GPA {m.phys:#x} refused with "
-                             f"{Status(status).name}: {self._why(d.id, res)}")  # fmt: skip
+                             f"{Status(status).name}: {self._why(res, saved_memory)}")  # fmt: skip
 
-    def _why(self, domain: int, res: Any) -> str:
+    def _why(self, res: Any, saved_memory: Iterable[tuple[int, int]]) -> str:
         reason = int(res.reason)
         if reason in (lib.HR_R_KERNEL, lib.HR_R_MISMATCH):
-            dom = self.topology.domains.get(domain)
-            native = [b for b in dom.targets if is_native(b)] if dom is not None else []
-            return str(self.dp.failure(res, native)[1])
-        return _REASONS.get(reason, f"reason {reason}")
+            return str(self.requests.failure(res)[1])
+        why = _REASONS.get(reason, f"reason {reason}")
+        if reason == lib.HR_R_NOT_RAM:
+            here = [(r.gpa, r.size) for r in self.memory.regions]
+            why += f" {_show_memory(here)}, saved with guest memory {_show_memory(saved_memory)}"
+        return why
 
     def _set_host(self, page_size_mask: int, input_range: tuple[int, int]) -> None:
         c = self.config
@@ -273,7 +272,6 @@ class StateKeeper:
             log.exception("undoing a failed restore")
 
 
-_RECORD = struct.Struct(MAPPING_RECORD)
 # The C data plane's refusal reasons (cext/hr_relay.h) as a restore names them.
 _REASONS = {
     lib.HR_R_DOMAIN_RANGE: "outside the domain range",
@@ -323,7 +321,7 @@ def _show(v: Any) -> str:
 
 
 def _show_memory(regions: Iterable[tuple[int, int]]) -> str:
-    return "(" + ", ".join(f"{g:#x}+{s:#x}" for g, s in regions) + ")" if regions else "(none)"
+    return "(" + (", ".join(f"{g:#x}+{s:#x}" for g, s in regions) or "none") + ")"
 
 
 def _show_endpoint(k: tuple[int, str, str | None]) -> str:

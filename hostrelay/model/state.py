@@ -128,6 +128,10 @@ class DomainState:
         """The mappings, decoded."""
         return tuple(Mapping(*r) for r in _MAPPING.iter_unpack(self.records))
 
+    def mapping(self, index: int) -> Mapping:
+        """Mapping ``index``, decoded."""
+        return Mapping(*_MAPPING.unpack_from(self.records, index * MAPPING_SIZE))
+
     @staticmethod
     def pack(mappings: Sequence[Mapping]) -> bytes:
         """``records`` for ``mappings``."""
