@@ -22,13 +22,10 @@ import sys
 import time
 
 from hostrelay.backends.memory import GuestMemory
-from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
-from hostrelay.host.binding import bind_vfio
-from hostrelay.host.sysfs import find_pci
-from hostrelay.host.udev import wait_for_vfio_node
-from hostrelay.kernel.vfio import group_of
 from hostrelay.model.wire import TAIL_SIZE, AttachRequest, MapRequest, UnmapRequest
 from hostrelay.relay import Relay
+
+from edu_host import bind_every_edu
 
 PAGE = 0x1000
 
@@ -51,12 +48,10 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    bdfs = find_pci(VENDOR_ID, DEVICE_ID)
+    bdfs = bind_every_edu()
     if not bdfs:
         print("no edu devices: run inside `hostrelay testbed run --edu 1`", file=sys.stderr)
         return 2
-    bind_vfio(bdfs[0])
-    wait_for_vfio_node(group_of(bdfs[0]))
     with GuestMemory() as mem:
         mem.add_region(0, 8 << 20)
         r = Relay(mem, bypass=False)

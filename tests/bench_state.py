@@ -45,25 +45,12 @@ import time
 from hostrelay import GuestMemory, Relay
 from hostrelay.model.wire import TAIL_SIZE, AttachRequest, MapFlag, MapRequest, Status
 
+from edu_host import bind_every_edu
+
 PAGE = 0x1000
 MIB = 1 << 20
 RW = int(MapFlag.READ | MapFlag.WRITE)
 EPS = (0x18, 0x20)
-
-
-def edu_bdfs() -> list[str]:
-    """Every edu function, bound to vfio-pci."""
-    from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
-    from hostrelay.host.binding import bind_vfio
-    from hostrelay.host.sysfs import find_pci
-    from hostrelay.host.udev import wait_for_vfio_node
-    from hostrelay.kernel.vfio import group_of
-
-    found = find_pci(VENDOR_ID, DEVICE_ID)
-    for bdf in found:
-        bind_vfio(bdf)
-        wait_for_vfio_node(group_of(bdf))
-    return found
 
 
 def make(memory: GuestMemory, backend: str, bdfs: list[str]) -> Relay:
@@ -107,7 +94,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="1000,100000")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    bdfs = edu_bdfs()
+    bdfs = bind_every_edu()
     backends = ["emulated"]
     if len(bdfs) >= 2:
         backends.append("type1")

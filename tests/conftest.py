@@ -17,18 +17,11 @@ pytest_plugins = ["testbed_plugin"]
 @pytest.fixture(scope="session")
 def edu_bdfs() -> list[str]:
     """Every edu function, bound to vfio-pci (skips where there is none)."""
-    from hostrelay.drivers.edu import DEVICE_ID, VENDOR_ID
-    from hostrelay.host.sysfs import find_pci
-    from hostrelay.host.binding import bind_vfio
-    from hostrelay.host.udev import wait_for_vfio_node
-    from hostrelay.kernel.vfio import group_of
+    from edu_host import bind_every_edu
 
-    found = find_pci(VENDOR_ID, DEVICE_ID)
+    found = bind_every_edu()
     if not found:
         pytest.skip("no QEMU edu device (1234:11e8) on this VFIO host; the testbed has one")
-    for bdf in found:
-        bind_vfio(bdf)
-        wait_for_vfio_node(group_of(bdf))
     return found
 
 
