@@ -851,7 +851,14 @@ class Relay:
         """
         gpa = self._translator.translate(endpoint_id, iova, size, write=write)
         if write and self._dirty.active:
-            self._dirty.note_write(gpa, size)  # the dirty log: exactly what was handed out
+            # The dirty log: exactly what was handed out.  Under the lock,
+            # as a VMM's device threads translate while another thread may
+            # take dirty_pages() (which hands the notes over and starts a new
+            # list) or stop the log; a note taken after that call's turn is
+            # reported by the next one, before the device writes the page.
+            with self._lock:
+                if self._dirty.active:
+                    self._dirty.note_write(gpa, size)
         return gpa
 
     def pop_events(self) -> list[bytes]:

@@ -9,6 +9,7 @@ read with UNMAP).  The proof against the real kernel is tests/test_dirty_log.py.
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,44 @@ def test_emulated_writes_are_logged_exactly(mem: GuestMemory) -> None:
     # A new log starts empty: the write before stop is gone.
     r.start_dirty_log()
     assert r.dirty_pages() == []
+    r.stop_dirty_log()
+
+
+def test_an_emulated_write_is_noted_under_the_relay_lock(mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device thread's translate() notes its write under the lock dirty_pages() holds.
+
+    Without it a note made while another thread's dirty_pages() hands the
+    notes over would go into the list it then drops: a lost dirty page.
+    The probe: while the note is made, a second thread cannot take the lock.
+    """
+    r = Relay(mem, bypass=False)
+    r.add_endpoint(7)
+    assert send(r, AttachRequest(1, 7)) == Status.OK
+    assert send(r, MapRequest(1, 0x10000, 0x1FFFF, 0x300000, RW)) == Status.OK
+    r.start_dirty_log()
+    note = r._dirty.note_write
+    took_lock = threading.Event()
+    seen: list[bool] = []
+
+    def probe() -> None:
+        with r._lock:
+            took_lock.set()
+
+    def noting(gpa: int, size: int) -> None:
+        t = threading.Thread(target=probe)
+        t.start()
+        seen.append(took_lock.wait(0.5))  # False: the lock is held while noting
+        note(gpa, size)
+        threads.append(t)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(r._dirty, "note_write", noting)
+    assert r.translate(7, 0x10010, 8, write=True) == 0x300010
+    for t in threads:
+        t.join(5)
+    assert seen == [False], "the note was made without the relay lock"
+    assert took_lock.is_set(), "the lock is free again once the note is made"
+    assert r.dirty_pages() == [(0x300000, PAGE)]
     r.stop_dirty_log()
 
 
