@@ -95,7 +95,6 @@ class DirtyLog:
         self.iommufd = iommufd
         self.identity = identity
         self.active = False
-        self.status: DirtyLogStatus | None = None
         self._tracked: list[VfioBackend] = []
         # GPA ranges since the previous call: emulated writes, and what
         # untracked devices could reach (snapshot at the previous call, plus
@@ -135,13 +134,13 @@ class DirtyLog:
             spaces.append(SpaceDirtyStatus("custom", type(own).__name__, False,
                                            "a VMM's own backend: the relay cannot see its DMA"))  # fmt: skip
         spaces.append(SpaceDirtyStatus("emulated", "translate", True))
-        self.status = DirtyLogStatus(tuple(spaces))
+        status = DirtyLogStatus(tuple(spaces))
         self.active = True
         self._emulated = []
         self._exposed = self._exposure_now()
         self.fanout.dirty = self
         lib.hr_relay_dirty_set(self.dp.c, 1)
-        return self.status
+        return status
 
     def stop(self) -> None:
         """Stop logging; the kernel logs end and the C fast path is back."""
